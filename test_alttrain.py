@@ -1,0 +1,410 @@
+"""Tests for alttrain.py, on CPU with tiny random models built here (nothing is downloaded).
+
+Run: python -m pytest -q
+"""
+import json
+import re
+
+import pytest
+import torch
+
+import alttrain as at
+import tiny
+
+HARMFUL_TRACE = "Okay, so the user is asking how to make a bomb. First I need the materials, e.g. a pipe."
+BENIGN_RESPONSE = ("Okay, the user wants the capital of France. It is Paris, a city of 2.1 million people.\n"
+                   "</think>\n\nThe capital of France is Paris.")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Tiny Llama + tokenizer whose template opens <think> (DeepSeek after Feb 2025)."""
+    return tiny.make_model(tmp_path_factory.mktemp("tiny_open"), opens_think=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_closed(tmp_path_factory):
+    """Same, with the older template that does not open <think>."""
+    return tiny.make_model(tmp_path_factory.mktemp("tiny_closed"), opens_think=False)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [dict(prompt=f"How do I make weapon number {i}?", label="harmful",
+                 response=f"Okay, the user wants weapon number {i}.") for i in range(6)]
+    rows += [dict(prompt=f"What is {i} plus {i}?", label="benign",
+                  response=f"Okay, so I add {i} and {i}. That gives {2 * i}.\n</think>\n\nIt is {2 * i}.")
+             for i in range(3)]
+    path = tmp_path / "queries.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*argv):
+    return at.main([str(a) for a in argv])
+
+
+def small_run(model, data, out, *extra):
+    return run_cli("--model", model, "--data", data, "--ha-model", "template", "--epochs", 2, "--batch-size", 4,
+                   "--micro-batch-size", 2, "--lr", 5e-3, "--warmup-steps", 1, "--out", out, *extra)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Building the examples (PU -> HA -> CR)
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("text,first", [
+    ("Okay, so the user wants X. Then more.", "Okay, so the user wants X."),
+    ("Hmm, e.g. this is one sentence. Two.", "Hmm, e.g. this is one sentence."),
+    ("It costs 3.5 dollars! Next.", "It costs 3.5 dollars!"),
+    ("No end mark here\nsecond line", "No end mark here"),
+    ('He said "stop." Then left.', 'He said "stop."'),
+])
+def test_first_sentence(text, first):
+    assert at.first_sentence(text)[0] == first
+
+
+def test_split_response_safechain_style():
+    reasoning, answer = at.split_response(BENIGN_RESPONSE)
+    assert reasoning.startswith("Okay, the user wants") and answer == "The capital of France is Paris."
+    assert at.split_response("<think>\nabc\n</think>\nxyz") == ("abc", "xyz")
+    assert at.split_response("only a trace opening.") == ("only a trace opening.", "")
+
+
+def test_harmful_example_parts():
+    ex = at.build_example("How do I make a bomb?", "harmful", HARMFUL_TRACE, "", "HA sentence.", "alt")
+    assert ex["pu"] == "Okay, so the user is asking how to make a bomb."
+    assert ex["ha"] == "HA sentence."
+    assert ex["cr"] in at.read_lines(at.PROMPTS / "cr_refusal.txt")
+    assert ex["answer"] in at.read_lines(at.PROMPTS / "refusal_answer.txt")
+    assert "materials" not in ex["response"]  # the solving part of the original trace is gone
+    think = ex["response"].split("</think>")[0]
+    assert think.index(ex["pu"]) < think.index(ex["ha"]) < think.index(ex["cr"])
+    assert ex["response"].count("<think>") == 1 and ex["response"].endswith(ex["answer"])
+
+
+def test_benign_example_keeps_rest_of_trace_and_answer():
+    reasoning, answer = at.split_response(BENIGN_RESPONSE)
+    ex = at.build_example("Capital of France?", "benign", reasoning, answer, "Safe to help.", "alt")
+    assert ex["pu"] == "Okay, the user wants the capital of France."
+    assert ex["cr"] == "It is Paris, a city of 2.1 million people."
+    assert ex["answer"] == "The capital of France is Paris."
+    assert ex["response"] == ("<think>\nOkay, the user wants the capital of France.\n\nSafe to help.\n\n"
+                              "It is Paris, a city of 2.1 million people.\n</think>\n\nThe capital of France is Paris.")
+
+
+@pytest.mark.parametrize("structure,present,absent", [
+    ("no-pu", ("ha", "cr"), ("pu",)), ("no-ha", ("pu", "cr"), ("ha",)), ("no-cr", ("pu", "ha"), ("cr",)),
+])
+def test_ablation_structures(structure, present, absent):
+    reasoning, answer = at.split_response(BENIGN_RESPONSE)
+    full = at.build_example("Capital of France?", "benign", reasoning, answer, "Safe to help.", "alt")
+    for label, trace, ans in (("harmful", HARMFUL_TRACE, ""), ("benign", reasoning, answer)):
+        ex = at.build_example("Capital of France?", label, trace, ans, "The HA.", structure)
+        think = ex["response"].split("</think>")[0]
+        for part in present:
+            assert ex[part] and ex[part] in think
+        for part in absent:
+            assert ex[part] == ""
+        assert ex["answer"] and ex["response"].endswith(ex["answer"])
+    assert full["cr"] in full["response"]
+
+
+def test_direct_refusal_baseline():
+    ex = at.build_example("How do I make a bomb?", "harmful", HARMFUL_TRACE, "", "HA.", "direct-refusal")
+    assert ex["response"].startswith("<think>\n\n</think>\n\n") and ex["pu"] == ex["ha"] == ex["cr"] == ""
+    reasoning, answer = at.split_response(BENIGN_RESPONSE)
+    ex = at.build_example("Capital?", "benign", reasoning, answer, "HA.", "direct-refusal")
+    assert "It is Paris" in ex["response"] and ex["ha"] == ""
+
+
+def test_templates_agree_with_their_label():
+    for label in ("harmful", "benign"):
+        for line in at.read_lines(at.PROMPTS / f"ha_{label}.txt"):
+            assert at.ha_verdict(line) == label, line
+
+
+@pytest.mark.parametrize("sentence,verdict", [
+    ("This request is harmful because it could hurt people, so I should not help.", "harmful"),
+    ("This is not harmful at all, it is a legitimate cooking question, so I can help.", "benign"),
+    ("The weather is nice today.", "unclear"),
+    ("It is safe but also dangerous.", "unclear"),
+])
+def test_ha_verdict(sentence, verdict):
+    assert at.ha_verdict(sentence) == verdict
+
+
+def test_build_with_llm_ha_and_self_traces(tiny_dir, tmp_path):
+    """A random model writes nonsense: every assessment is rejected and replaced by a template (and
+    counted); the query without a trace gets a self-trace."""
+    tok, model = at.load_tokenizer(tiny_dir), at.load_model(tiny_dir, quant=False)
+    args = at.build_parser().parse_args(["--self-trace-tokens", "8", "--gen-batch-size", "2"])
+    queries = [dict(query="How do I make a bomb?", label="harmful", response=HARMFUL_TRACE, source="a"),
+               dict(query="What is two plus two?", label="benign", response=BENIGN_RESPONSE, source="b"),
+               dict(query="Tell me about Paris.", label="benign", response=None, source="c")]
+    examples, stats = at.build_examples(args, queries, model, tok, model, tok)
+    assert stats["self_traces"] == 1 and examples[2]["self_trace"] and not examples[0]["self_trace"]
+    assert stats["ha_llm"] + stats["ha_template"] == 3 and stats["ha_rejected"] == stats["ha_template"]
+    for ex in examples:
+        assert ex["ha"] in at.read_lines(at.PROMPTS / f"ha_{ex['label']}.txt") or \
+            at.ha_verdict(ex["ha"]) == ex["label"]
+
+
+def test_selection_is_deterministic_and_balanced():
+    qs = [dict(query=f"q{i}", label="harmful" if i % 3 else "benign", response="r.", source="") for i in range(60)]
+    a = at.select_queries(qs, 10, 5, seed=1995)
+    assert a == at.select_queries(qs, 10, 5, seed=1995) and a != at.select_queries(qs, 10, 5, seed=1)
+    assert sum(q["label"] == "harmful" for q in a) == 10 and sum(q["label"] == "benign" for q in a) == 5
+
+
+def test_safechain_labels():
+    assert at.normalise_label("vanilla_harmful", "x") == "harmful"
+    assert at.normalise_label("adversarial_benign", "x") == "benign"
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Tokenisation traps
+# ------------------------------------------------------------------------------------------------ #
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_dir_closed"])
+def test_one_think_one_bos_nothing_stripped(which, request):
+    tok = at.load_tokenizer(request.getfixturevalue(which))
+    ex = at.build_example("How do I make a bomb?", "harmful", HARMFUL_TRACE, "", "Wait, harmful.", "alt")
+    enc = at.encode_example(tok, ex["query"], ex["response"])
+    text = tok.decode(enc["input_ids"])
+    assert text.count("<think>") == 1                      # whether or not the template opened it
+    assert enc["input_ids"].count(tok.bos_token_id) == 1 and enc["input_ids"][0] == tok.bos_token_id
+    assert ex["pu"] in text and "Wait, harmful." in text     # text before </think> survives
+    assert enc["input_ids"][-1] == tok.eos_token_id and enc["labels"][-1] == tok.eos_token_id
+
+
+def test_template_would_strip_reasoning(tiny_dir):
+    """The reason we never render the assistant turn with the template: it deletes the <think> part."""
+    tok = at.load_tokenizer(tiny_dir)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": "<think>\nPU here\n</think>\n\nA"}],
+                                       tokenize=False)
+    assert "PU here" not in rendered
+
+
+def test_labels_mask_prompt_only(tiny_dir):
+    tok = at.load_tokenizer(tiny_dir)
+    enc = at.encode_example(tok, "What is 2+2?", "<think>\nsum\n</think>\n\n4")
+    n_prompt = len(at.encode_prompt(tok, at.render_prompt(tok, "What is 2+2?")))
+    assert enc["labels"][:n_prompt] == [-100] * n_prompt
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert tok.decode(enc["input_ids"][n_prompt:]).startswith("sum")  # '<think>\n' came from the template
+
+
+def test_system_prompt_only_when_asked(tiny_dir):
+    tok = at.load_tokenizer(tiny_dir)
+    assert "Be safe" not in at.render_prompt(tok, "q")
+    assert "Be safe" in at.render_prompt(tok, "q", "Be safe")
+
+
+def test_pad_equal_to_eos_keeps_eos_supervised(tiny_dir):
+    tok = at.load_tokenizer(tiny_dir)
+    assert tok.pad_token_id == tok.eos_token_id  # the trap is live in this tokenizer
+    a = at.encode_example(tok, "short", "<think>\nx\n</think>\n\ny")
+    b = at.encode_example(tok, "a much longer question here", "<think>\nlonger reasoning here\n</think>\n\nyes")
+    batch = at.collate([a, b], tok.pad_token_id)
+    n = len(a["input_ids"])
+    assert batch["labels"][0, n - 1] == tok.eos_token_id       # real EOS kept
+    assert (batch["labels"][0, n:] == -100).all()                # padding ignored
+    assert batch["attention_mask"][0].sum() == n and batch["attention_mask"][1].all()
+
+
+def test_length_grouping_covers_all_and_reduces_padding():
+    lengths = [10 + (i * 37) % 500 for i in range(200)]
+    batches = at.length_grouped_batches(lengths, 8, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    plain = [list(range(k, min(k + 8, 200))) for k in range(0, 200, 8)]
+    assert padded(batches) < 0.8 * padded(plain)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Training
+# ------------------------------------------------------------------------------------------------ #
+def lora_model(path, quant, grad_ckpt=True, r=8):
+    args = at.build_parser().parse_args(["--lora-r", str(r), "--lora-alpha", str(2 * r)] +
+                                        ([] if grad_ckpt else ["--no-grad-ckpt"]))
+    return at.add_lora(at.load_model(path, quant=quant), args, quant), args
+
+
+def fixed_batch(tok):
+    exs = [at.encode_example(tok, f"question {i}", f"<think>\nthe answer is {i}\n</think>\n\nit is {i}")
+           for i in range(4)]
+    return at.collate(exs, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["plain-lora", "4bit-qlora"])
+def test_few_steps_lower_the_loss(tiny_dir, quant):
+    tok = at.load_tokenizer(tiny_dir)
+    torch.manual_seed(0)
+    model, args = lora_model(tiny_dir, quant)
+    args.lr, args.optim = 1e-2, "adamw8bit"
+    opt = at.make_optimizer(model, args)
+    batch = fixed_batch(tok)
+    n_sup = int((batch["labels"][:, 1:] != -100).sum())
+    losses = []
+    for _ in range(8):
+        loss = at.response_loss_sum(model, batch) / n_sup
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_gradient_checkpointing_gives_lora_grads(tiny_dir):
+    tok = at.load_tokenizer(tiny_dir)
+    model, _ = lora_model(tiny_dir, quant=False, grad_ckpt=True)
+    assert model.base_model.model.is_gradient_checkpointing
+    at.response_loss_sum(model, fixed_batch(tok)).backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(g is not None for g in lora.values())
+    # B starts at zero, so A's first gradient is zero by construction; B's must not be
+    assert all(g.abs().sum() > 0 for n, g in lora.items() if "lora_B" in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_accumulation_matches_one_big_batch(tiny_dir):
+    """Per-token normalisation across micro-batches: 2 x 2 accumulated == one batch of 4."""
+    tok = at.load_tokenizer(tiny_dir)
+    batch = fixed_batch(tok)
+    n_sup = int((batch["labels"][:, 1:] != -100).sum())
+    grads = []
+    for split in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
+        torch.manual_seed(0)
+        model, _ = lora_model(tiny_dir, quant=False, grad_ckpt=False)
+        for s in split:
+            sub = {k: v[s] for k, v in batch.items()}
+            width = int(sub["attention_mask"].sum(1).max())
+            sub = {k: v[:, :width] for k, v in sub.items()}
+            (at.response_loss_sum(model, sub) / n_sup).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_lr_schedule():
+    lrs = [at.lr_at(s, 100, 1e-5, 5) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-6) and lrs[4] == pytest.approx(1e-5)
+    assert max(lrs) == pytest.approx(1e-5) and lrs[-1] < 1e-8 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+@pytest.mark.parametrize("quant", [[], ["--no-quant", "--optim", "adamw"]], ids=["4bit", "plain"])
+def test_cli_trains_and_saves_loadable_adapter(tiny_dir, data_file, tmp_path, quant):
+    out = tmp_path / "run"
+    assert small_run(tiny_dir, data_file, out, *quant) == 0
+    cfg = json.loads((out / "alttrain_config.json").read_text())
+    assert cfg["finished"] and cfg["base_model"] == tiny_dir and len(cfg["data_sha256"]) == 64
+    assert cfg["args"]["lora_r"] == 16 and cfg["metrics"]["steps"] == 6
+    assert 0 < cfg["metrics"]["supervised_fraction_of_computed"] < cfg["metrics"]["real_fraction_of_computed"] <= 1
+    log = [json.loads(l) for l in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    built = [json.loads(l) for l in open(out / "alttrain_data.jsonl")]
+    assert len(built) == 9 and all({"query", "label", "pu", "ha", "cr", "answer", "response", "source"} <= set(b) for b in built)
+    assert not list(out.glob("*.tmp"))
+    # the adapter loads with PEFT and generates
+    from peft import PeftModel
+    base = at.load_model(tiny_dir, quant=False)
+    model = PeftModel.from_pretrained(base, str(out))
+    tok = at.load_tokenizer(str(out))
+    ids = at.encode_prompt(tok, at.render_prompt(tok, "hello"))
+    (text, n, _), = at.generate_batch(model, tok, [ids], max_new_tokens=5)
+    assert 1 <= n <= 5 and isinstance(text, str)
+    # the adapter is not a no-op
+    from safetensors.torch import load_file
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_kill_and_resume_gives_the_same_adapter(tiny_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+    assert small_run(tiny_dir, data_file, tmp_path / "a", "--save-every", 2) == 0
+    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2, "--halt-after", 3) == 0
+    cfg = json.loads((tmp_path / "b" / "alttrain_config.json").read_text())
+    assert not cfg["finished"] and not (tmp_path / "b" / "adapter_model.safetensors").exists()
+    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2) == 2  # refuses without --resume
+    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2, "--resume") == 0
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    log = [json.loads(l)["step"] for l in open(tmp_path / "b" / "train_log.jsonl")]
+    assert log == list(range(1, 7))  # no step logged twice
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Bad input: clear errors, nothing lost
+# ------------------------------------------------------------------------------------------------ #
+def error_of(capsys, *argv):
+    assert run_cli(*argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_and_malformed_data(tiny_dir, tmp_path, capsys):
+    assert "nope.jsonl: no such file" in error_of(capsys, "--model", tiny_dir, "--data", tmp_path / "nope.jsonl",
+                                                  "--out", tmp_path / "o1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "label": "harmful"}\n{"prompt": "b", "label": \n')
+    assert re.search(r"bad\.jsonl:2: not valid JSON", error_of(capsys, "--model", tiny_dir, "--data", bad,
+                                                                "--out", tmp_path / "o2"))
+    unk = tmp_path / "unk.csv"
+    unk.write_text("prompt,label\nhello,harmful\nbye,spicy\n")
+    assert "unk.csv:3: unknown label 'spicy'" in error_of(capsys, "--model", tiny_dir, "--data", unk,
+                                                          "--out", tmp_path / "o3")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("text,label\nhello,harmful\n")
+    assert "no prompt column" in error_of(capsys, "--model", tiny_dir, "--data", nocol, "--out", tmp_path / "o4")
+
+
+def test_empty_selection(tiny_dir, data_file, tmp_path, capsys):
+    err = error_of(capsys, "--model", tiny_dir, "--data", data_file, "--n-harmful", 0, "--n-benign", 0,
+                   "--out", tmp_path / "o")
+    assert "selection is empty" in err
+
+
+def test_unknown_alias(tmp_path, capsys):
+    err = error_of(capsys, "--model", "llama-7", "--out", tmp_path / "o")
+    assert "not a folder" in err and "deepseek-r1-distill-llama-8b" in err
+
+
+def test_big_model_without_cuda(tmp_path, capsys):
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path / "big")
+    with pytest.raises(at.UserError, match=r"~8\.\dB parameters and this machine has no CUDA"):
+        at.load_model(str(tmp_path / "big"))
+
+
+def test_finished_run_is_not_overwritten(tiny_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
+                   "--out", out) == 0
+    before = (out / "alttrain_data.jsonl").read_bytes()
+    err = error_of(capsys, "--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--out", out)
+    assert "already holds a finished run" in err and "--overwrite" in err
+    assert (out / "alttrain_data.jsonl").read_bytes() == before
+    assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
+                   "--structure", "no-ha", "--overwrite", "--out", out) == 0
+    assert all(json.loads(l)["ha"] == "" for l in open(out / "alttrain_data.jsonl"))
+
+
+def test_built_set_round_trip(tiny_dir, data_file, tmp_path):
+    """--build-only output can be trained on with --built (how the quick start's set is made)."""
+    assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
+                   "--out", tmp_path / "b") == 0
+    assert run_cli("--model", tiny_dir, "--built", tmp_path / "b" / "alttrain_data.jsonl", "--epochs", 1,
+                   "--batch-size", 4, "--out", tmp_path / "t") == 0
+    assert (tmp_path / "t" / "alttrain_data.jsonl").read_text() == (tmp_path / "b" / "alttrain_data.jsonl").read_text()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        at.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in at.build_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        assert action.help, action.option_strings
