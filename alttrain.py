@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names that get adapters (all linear projections)")
+    g.add_argument("--lora-layers", type=int, default=None,
+                   help="adapters on the top N layers only (default: all). Backward then stops at layer "
+                        "L-N: a CPU speed trick for the quick start, not the paper's recipe")
 
     g = p.add_argument_group("optimiser and schedule")
     g.add_argument("--optim", choices=("adamw8bit", "adamw"), default="adamw8bit",
@@ -703,20 +706,27 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
 
 
 def add_lora(model, args, quant: bool):
-    """Wrap the base with LoRA adapters. With gradient checkpointing, the frozen embeddings' outputs
-    must require grad, or (reentrant) checkpointed blocks see no input needing grad and LoRA gets none."""
+    """Wrap the base with LoRA adapters, with gradient checkpointing unless --no-grad-ckpt.
+
+    Pitfall: with (reentrant) checkpointing, a block whose inputs need no grad returns no grad, and the
+    frozen embedding's output needs none, so LoRA would silently learn nothing. Making the embedding
+    output require grad fixes it. We use non-reentrant checkpointing, which is immune, and still make
+    input grads flow when adapters reach layer 0 (free there). With --lora-layers we don't: it would
+    force the backward pass through every frozen layer below the adapters."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     ckpt = not args.no_grad_ckpt
-    if quant:  # casts norms to fp32, enables input grads and checkpointing
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if quant:  # casts layer norms and the LM head to fp32 for stable training over 4-bit weights
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        if args.lora_layers is None:
+            model.enable_input_require_grads()
+    n_layers = model.config.num_hidden_layers
+    top = None if args.lora_layers is None else list(range(max(0, n_layers - args.lora_layers), n_layers))
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.lora_targets.split(","), bias="none", task_type="CAUSAL_LM")
+                      target_modules=args.lora_targets.split(","), layers_to_transform=top,
+                      bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -731,11 +741,16 @@ def make_optimizer(model, args):
 def response_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised tokens. The caller divides by the
     supervised-token count of the whole optimiser step, so every token weighs the same however the
-    examples fall into micro-batches (a per-micro-batch mean would over-weight short responses)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    examples fall into micro-batches (a per-micro-batch mean would over-weight short responses).
+
+    Logits are computed only where a label exists: the prompt and padding never go through the LM head.
+    With a 128K vocabulary, full fp32 logits for a batch of long traces take gigabytes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100                                   # position t predicts token t+1
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
 def train(args, model, tok, data: list[dict], out: Path) -> dict:

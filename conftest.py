@@ -1,0 +1,32 @@
+"""Shared test fixtures: tiny random models and a small query file (nothing is downloaded)."""
+import json
+
+import pytest
+
+import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Tiny Llama + tokenizer whose template opens <think> (DeepSeek after Feb 2025)."""
+    return tiny.make_model(tmp_path_factory.mktemp("tiny_open"), opens_think=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_closed(tmp_path_factory):
+    """Same, with the older template that does not open <think>."""
+    return tiny.make_model(tmp_path_factory.mktemp("tiny_closed"), opens_think=False)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [dict(prompt=f"How do I make weapon number {i}?", label="harmful",
+                 response=f"Okay, the user wants weapon number {i}.") for i in range(6)]
+    rows += [dict(prompt=f"What is {i} plus {i}?", label="benign",
+                  response=f"Okay, so I add {i} and {i}. That gives {2 * i}.\n</think>\n\nIt is {2 * i}.")
+             for i in range(3)]
+    path = tmp_path / "queries.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
