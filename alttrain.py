@@ -323,7 +323,12 @@ def load_queries(args) -> list[dict]:
     """Every candidate query as {query, label, response, source}; selection happens after."""
     if args.data == "safechain":
         from datasets import load_dataset
-        ds = load_dataset("UWNSL/SafeChain", split="train")  # gated: accept its terms on the Hub first
+        try:
+            ds = load_dataset("UWNSL/SafeChain", split="train")  # gated: accept its terms on the Hub first
+        except Exception as e:
+            raise UserError(f"--data safechain: cannot load UWNSL/SafeChain ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}). It is gated: accept its terms on the Hub and "
+                            "log in (huggingface-cli login); offline, pass a local file with --data") from None
         return [dict(query=r["instruction"], label=normalise_label(r["label"], f"UWNSL/SafeChain row {i}"),
                      response=r["response"], source=f"UWNSL/SafeChain#{i}") for i, r in enumerate(ds)]
     rows = read_table(args.data)
@@ -888,6 +893,12 @@ def run(args):
         old = json.loads((out / CONFIG_NAME).read_text())
         if old.get("data_sha256") != config["data_sha256"]:
             raise UserError(f"--resume: the examples differ from the run in {out}")
+        now = json.loads(json.dumps(config["args"]))  # tuples -> lists, as stored
+        changed = [k for k, v in old["args"].items() if k not in ("resume", "overwrite", "halt_after")
+                   and now.get(k) != v]
+        if changed:  # a resumed run must be the same run, or it would not end where the original would
+            raise UserError(f"--resume: these flags differ from the run in {out}: "
+                            + ", ".join(f"--{k.replace('_', '-')} (was {old['args'][k]!r})" for k in changed))
     if args.build_only:
         config["finished"] = True
         atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))

@@ -116,7 +116,12 @@ def load_benchmark(name: str, args) -> list[dict]:
     if name in BENCHMARKS:
         spec = BENCHMARKS[name]
         from datasets import load_dataset
-        ds = load_dataset(spec["hf"], spec.get("config"), split=spec["split"])
+        try:
+            ds = load_dataset(spec["hf"], spec.get("config"), split=spec["split"])
+        except Exception as e:  # offline, gated (XSTest, StrongREJECT), renamed
+            raise UserError(f"--bench {name}: cannot load {spec['hf']} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}). Log in and accept its terms on the Hub if it "
+                            "is gated; offline, pass local files with --bench FILE") from None
         rows = [r for r in ds if spec.get("keep", lambda r: True)(r)]
         items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
     elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json"):
@@ -433,7 +438,7 @@ def markdown_table(results: dict) -> str:
 
 def compare(a_path: str, b_path: str) -> str:
     a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
-    rows = [f"| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
+    rows = ["| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
             f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
     for name in list(dict.fromkeys([*a["benchmarks"], *b["benchmarks"]])):
         ra, rb = a["benchmarks"].get(name, {}), b["benchmarks"].get(name, {})

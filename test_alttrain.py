@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import alttrain as at
-import tiny
 
 HARMFUL_TRACE = "Okay, so the user is asking how to make a bomb. First I need the materials, e.g. a pipe."
 BENIGN_RESPONSE = ("Okay, the user wants the capital of France. It is Paris, a city of 2.1 million people.\n"
@@ -384,3 +383,27 @@ def test_help_documents_every_flag(capsys):
         for opt in action.option_strings:
             assert opt in text
         assert action.help, action.option_strings
+
+
+def test_shipped_data_is_well_formed_and_split():
+    """data/ loads through the same reader as user files, and no test prompt leaks into training."""
+    train = at.read_table(str(at.HERE / "data" / "train.jsonl"))
+    tests = [r for name in ("test_harmful", "test_benign", "test_benign_scary")
+             for r in at.read_table(str(at.HERE / "data" / f"{name}.jsonl"))]
+    assert {r["label"] for r in train} == {"harmful", "benign"} and all(r["response"] for r in train)
+    assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in tests}
+    for r in train:  # harmful rows hold only a PU sentence; benign rows a full trace and answer
+        reasoning, answer = at.split_response(r["response"])
+        if r["label"] == "harmful":
+            assert answer == "" and at.first_sentence(reasoning)[1] == "", r["prompt"]
+        else:
+            assert reasoning and answer, r["prompt"]
+
+
+def test_resume_refuses_changed_flags(tiny_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert small_run(tiny_dir, data_file, out, "--halt-after", 1) == 0
+    err = error_of(capsys, "--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--epochs", 2,
+                   "--batch-size", 4, "--micro-batch-size", 2, "--lr", 1e-4, "--warmup-steps", 1,
+                   "--out", out, "--resume")
+    assert "--lr (was 0.005)" in err

@@ -2,7 +2,6 @@
 BPE tokenizer with a DeepSeek-R1-style chat template. Nothing is downloaded."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in minutes.
+#   1. evaluate the untrained model on the held-out part of data/ (harmful, benign, benign-but-scary)
+#   2. train it with AltTrain on data/train.jsonl
+#   3. evaluate again, and print the before/after table
+# Re-running continues where it stopped (evaluation answers and training checkpoints are kept).
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-out/quickstart}
+TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl"
+# keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). 20 prompts per set.
+EVAL="--judge keywords --limit 20 --max-new-tokens 160 --batch-size 16"
+# CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
+# and 3 epochs instead of 1e-5 x 15, adapters on the top 12 of 30 layers so backward stops early,
+# and template assessments (a 135M model writes poor ones).
+TRAIN="--model smollm2-135m --data data/train.jsonl --ha-model template --no-quant --optim adamw
+       --lora-layers 12 --lr 2e-3 --epochs 3 --batch-size 8 --save-every 5"
+start=$(date +%s)
+
+python eval.py --model smollm2-135m --bench $TEST $EVAL --out "$OUT/before"
+if [ ! -f "$OUT/run/adapter_model.safetensors" ]; then
+  resume=""; [ -f "$OUT/run/alttrain_config.json" ] && resume="--resume"
+  python alttrain.py $TRAIN --out "$OUT/run" $resume
+fi
+python eval.py --ckpt "$OUT/run" --bench $TEST $EVAL --out "$OUT/after"
+
+echo
+echo "== AltTrain quick start: before (A) vs after (B), keyword judge (a heuristic) =="
+python eval.py --compare "$OUT/before/results.json" "$OUT/after/results.json" | tee "$OUT/compare.md"
+echo "wall time: $(( $(date +%s) - start )) s; answers in $OUT/{before,after}/*.jsonl"
