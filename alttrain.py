@@ -829,6 +829,12 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
 # =====================================================================================================
 # 8. Putting it together
 # =====================================================================================================
+def require_positive(args, *flags):
+    for flag in flags:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -844,9 +850,7 @@ def run(args):
     torch.manual_seed(args.seed)
     alias = MODEL_ALIASES.get(args.model.lower(), {})
     args.batch_size = args.batch_size or alias.get("batch", 8)
-    for flag in ("batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    require_positive(args, "batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size")
     out = prepare_out_dir(args)
     path = resolve_model(args.model, args.cache_dir)
     tok = load_tokenizer(path, args.trust_remote_code)

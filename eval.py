@@ -472,9 +472,7 @@ def main(argv=None) -> int:
 
 
 def run(args):
-    for flag in ("batch_size", "judge_batch_size", "max_new_tokens", "limit", "bootstrap"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    at.require_positive(args, "batch_size", "judge_batch_size", "max_new_tokens", "limit", "bootstrap")
     if bool(args.ckpt) == bool(args.model):
         raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model)")
     benches = {}  # loaded first: a bad name fails before any model is loaded

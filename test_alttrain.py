@@ -407,3 +407,16 @@ def test_resume_refuses_changed_flags(tiny_dir, data_file, tmp_path, capsys):
                    "--batch-size", 4, "--micro-batch-size", 2, "--lr", 1e-4, "--warmup-steps", 1,
                    "--out", out, "--resume")
     assert "--lr (was 0.005)" in err
+
+
+def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "m"
+    assert small_run(tiny_dir, data_file, out, "--no-quant", "--optim", "adamw", "--merge") == 0
+    assert (out / "merged" / "model.safetensors").exists() and not (out / "merged.tmp").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    adapted = PeftModel.from_pretrained(at.load_model(tiny_dir, quant=False), str(out)).eval()
+    ids = torch.tensor([[0, 5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
