@@ -51,7 +51,15 @@ BENCHMARKS = {
                           label="harmful"),
     "xstest": dict(hf="walledai/XSTest", split="test", column="prompt", label="benign",
                    keep=lambda row: row["label"] == "safe"),  # the 250 safe prompts
+    # capability: does reasoning survive? (the paper's "Reasoning Avg"). label = how answers are scored
+    "gsm8k": dict(hf="openai/gsm8k", config="main", split="test", column="question", label="math",
+                  answer=lambda row: row["answer"].split("####")[-1].strip()),
+    "math500": dict(hf="HuggingFaceH4/MATH-500", split="test", column="problem", label="math",
+                    answer=lambda row: row["answer"]),
+    "mmlu": dict(hf="cais/mmlu", config="all", split="test", column="question", label="mc",
+                 answer=lambda row: "ABCDEFGHIJ"[row["answer"]], choices=lambda row: row["choices"]),
 }
+SAFETY, CAPABILITY = ("harmful", "benign"), ("math", "mc")
 JUDGES = {"qwen3guard": "Qwen/Qwen3Guard-Gen-0.6B", "llama-guard-3-1b": "meta-llama/Llama-Guard-3-1B",
           "keywords": None}
 
@@ -76,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-column", help="prompt column of local files (default: prompt, goal, "
                                            "forbidden_prompt, instruction, question, query)")
     g.add_argument("--label", choices=("harmful", "benign"),
-                   help="label for local files without a label column")
+                   help="label for local safety files without a label column (a file with an answer "
+                        "column is a capability set: math, or multiple choice if it has choices)")
     g.add_argument("--limit", type=int, help="first N prompts of each benchmark (quick runs)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="as in R1-Act")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="for safety sets, as in R1-Act")
+    g.add_argument("--math-max-new-tokens", type=int, default=4096,
+                   help="for capability sets (math, multiple choice): reasoning needs longer outputs")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (1: one at a time)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=0.6, help="with --sample (DeepSeek's advice)")
@@ -123,7 +134,14 @@ def load_benchmark(name: str, args) -> list[dict]:
                             f"{str(e).splitlines()[0][:200]}). Log in and accept its terms on the Hub if it "
                             "is gated; offline, pass local files with --bench FILE") from None
         rows = [r for r in ds if spec.get("keep", lambda r: True)(r)]
-        items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
+        if spec["label"] in CAPABILITY:
+            items = [capability_item(i, r[spec["column"]], spec["answer"](r), spec.get("choices", lambda r: None)(r))
+                     for i, r in enumerate(rows)]
+        else:
+            items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
+    elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json") and \
+            at.find_column(at.read_table(name)[0], ANSWER_COLUMNS, name, "answer", required=False):
+        items = load_capability_file(name, args)
     elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json"):
         rows = at.read_table(name)
         names = [args.prompt_column.lower()] if args.prompt_column else \
@@ -145,6 +163,35 @@ def load_benchmark(name: str, args) -> list[dict]:
     if not items:
         raise UserError(f"--bench {name}: no prompts")
     return items[:args.limit] if args.limit else items
+
+
+ANSWER_COLUMNS = ("answer", "final_answer", "reference_answer")
+
+
+def capability_item(i: int, question: str, answer: str, choices=None) -> dict:
+    """A math or multiple-choice item: the prompt is the question (with lettered choices) plus the
+    suffix in prompts/ that asks for a boxed answer, as DeepSeek advises for R1 models."""
+    if choices:
+        question = question.strip() + "\n\n" + "\n".join(f"{'ABCDEFGHIJ'[k]}. {c}" for k, c in enumerate(choices))
+    suffix = (at.PROMPTS / ("mc_suffix.txt" if choices else "math_suffix.txt")).read_text().strip()
+    return dict(id=i, prompt=f"{question.strip()}\n\n{suffix}", label="mc" if choices else "math",
+                reference=str(answer).split("####")[-1].strip())  # GSM8K answers end with '#### 72'
+
+
+def load_capability_file(name: str, args) -> list[dict]:
+    """A local file with a question and an answer column; a `choices` list (JSONL) or A/B/C/D columns
+    make it multiple choice."""
+    rows = at.read_table(name)
+    names = [args.prompt_column.lower()] if args.prompt_column else ["question", "problem", "prompt", "query"]
+    qcol = at.find_column(rows[0], names, name, "question")
+    acol = at.find_column(rows[0], ANSWER_COLUMNS, name, "answer")
+    items = []
+    for i, r in enumerate(rows):
+        if not str(r.get(qcol) or "").strip() or not str(r.get(acol) or "").strip():
+            raise UserError(f"{name}:{r['_line']}: empty {qcol!r} or {acol!r}")
+        choices = r.get("choices") or ([r[c] for c in "ABCD"] if all(c in r for c in "ABCD") else None)
+        items.append(capability_item(i, str(r[qcol]), str(r[acol]), choices))
+    return items
 
 
 def bench_key(name: str) -> str:
@@ -222,7 +269,8 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     with open(path, "a", encoding="utf-8") as f:
         for k in range(0, len(todo), args.batch_size):
             batch = todo[k:k + args.batch_size]
-            outs = at.generate_batch(model, tok, [encoded[it["id"]] for it in batch], args.max_new_tokens,
+            max_new = args.math_max_new_tokens if batch[0]["label"] in CAPABILITY else args.max_new_tokens
+            outs = at.generate_batch(model, tok, [encoded[it["id"]] for it in batch], max_new,
                                      do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
             for it, (text, n_tokens, finished) in zip(batch, outs):
                 reasoning, answer, closed = split_output(text, at.template_opens_think(prompts[it["id"]]))
@@ -351,6 +399,106 @@ def judge_records(records: list[dict], path: Path, args, judge=None):
 
 
 # =====================================================================================================
+# 3b. Capability: extract the final answer, normalise it, compare with the reference (no judge)
+# =====================================================================================================
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces matched (\\boxed{\\frac{1}{2}} -> \\frac{1}{2});
+    None if there is none or its braces never close."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0 or (brace := text.find("{", start)) < 0:
+        return None
+    depth = 0
+    for k in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[brace + 1:k].strip()
+    return None
+
+
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+
+
+def extract_answer(text: str, kind: str, numeric_fallback: bool) -> str | None:
+    """The final answer in `text`: a \\boxed{} value; else, for multiple choice, 'answer is (C)' or a
+    lone letter; for numeric references (GSM8K), the last number. None: unparseable."""
+    boxed = last_boxed(text)
+    if kind == "mc":
+        letter = re.sub(r"\\text\{(.*?)\}", r"\1", boxed) if boxed is not None else ""
+        if m := re.match(r"^\(?([A-J])\)?(?:[.:)]|\s|$)", letter):
+            return m.group(1)
+        m = re.search(r"answer(?: is)?\s*[:\s]\s*\(?([A-J])\)?\b", text, flags=re.I) or \
+            re.fullmatch(r"\s*\(?([A-J])\)?[.)]?\s*", text)
+        return m.group(1) if m else None
+    if boxed is not None:
+        return boxed
+    if numeric_fallback and (numbers := re.findall(NUMBER, text)):
+        return numbers[-1]
+    return None
+
+
+def normalise_answer(ans: str) -> str:
+    """Make equal answers equal strings: '$1,000.00' -> '1000', '\\dfrac{1}{2}' -> '1/2',
+    '18 \\text{ dollars}' -> '18', '90^\\circ' -> '90'."""
+    s = ans.strip().strip("$").strip()
+    s = re.sub(r"\\text(?:bf|rm)?\{(.*?)\}", r"\1", s)
+    for junk in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "^\\circ", "^{\\circ}", "\\%", "%", "\\$"):
+        s = s.replace(junk, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\1/\2", s)
+    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)                       # 1,000 -> 1000
+    if m := re.fullmatch(r"\$?\s*(" + NUMBER + r")\s*[a-zA-Z][a-zA-Z .]*", s):  # a number with a unit
+        s = m.group(1)
+    s = s.replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?\d+\.\d*", s):                               # 2.50 -> 2.5, 3.0 -> 3
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def as_number(s: str) -> float | None:
+    try:
+        if re.fullmatch(r"-?\d+/\d+", s):
+            num, den = s.split("/")
+            return int(num) / int(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str, ref: str) -> bool:
+    a, b = normalise_answer(pred), normalise_answer(ref)
+    if a == b:
+        return True
+    x, y = as_number(a), as_number(b)
+    return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))
+
+
+def score_records(records: list[dict]):
+    """rec['score'] = {pred, correct, parsed}. Only the final answer after </think> counts: an output cut
+    off inside <think> has no answer and is unparsed (and counted as cut off)."""
+    for r in records:
+        text = r["answer"] if r["think_closed"] else ""
+        numeric = as_number(normalise_answer(r["reference"])) is not None
+        pred = extract_answer(text, r["label"], numeric) if text else None
+        r["score"] = dict(pred=pred, parsed=pred is not None,
+                          correct=pred is not None and answers_match(pred, r["reference"]))
+
+
+def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
+    """Accuracy; unparseable answers count as wrong and are counted separately."""
+    values = [r["score"]["correct"] for r in records]
+    lo, hi = bootstrap_ci(values, n_boot, seed)
+    return dict(label=records[0]["label"], metric="accuracy", n=len(records), n_judged=len(records),
+                rate=mean(values), ci95=[lo, hi], unparsed=sum(not r["score"]["parsed"] for r in records),
+                unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
+                unfinished_think=mean(not r["think_closed"] for r in records),
+                hit_max_new_tokens=mean(not r["finished"] for r in records),
+                mean_reasoning_tokens=mean(r["reasoning_tokens"] for r in records),
+                mean_answer_tokens=mean(r["answer_tokens"] for r in records),
+                assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0)
+
+
+# =====================================================================================================
 # 4. Structure numbers: does the reasoning assess harm before solving, and act on it?
 # =====================================================================================================
 def sentences(text: str, limit: int = 50) -> list[str]:
@@ -428,9 +576,13 @@ def markdown_table(results: dict) -> str:
                     f"{fmt(b['mean_reasoning_tokens'], False)} | {fmt(b['mean_answer_tokens'], False)} | "
                     f"{fmt(b['assessment_first'])} | {fmt(b['harmful_verdict_then_refusal'])} "
                     f"(n={b['n_harmful_verdict']}) |")
+        if b["metric"] == "accuracy":
+            rows[-1] = rows[-1].replace(f"| {b['unparsed']} |", f"| {b['unparsed']} (cut off {fmt(b['hit_max_new_tokens'])}%) |", 1)
     s = results["summary"]
     rows.append(f"| **Harmful Avg** | | harmful_rate | {fmt(s['harmful_avg'])} | | | | | | |")
     rows.append(f"| **Over-refusal** | | refusal_rate | {fmt(s['over_refusal'])} | | | | | | |")
+    if s.get("reasoning_avg") is not None:
+        rows.append(f"| **Reasoning Avg** | | accuracy | {fmt(s['reasoning_avg'])} | | | | | | |")
     note = f"\njudge: {results['judge']}" + (" (HEURISTIC: refusal-phrase matching, not a safety judge; "
                                            "harmful = no refusal phrase)" if results["heuristic"] else "")
     return "\n".join(rows) + note
@@ -447,8 +599,10 @@ def compare(a_path: str, b_path: str) -> str:
             label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
             d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
             rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
-    for metric in ("harmful_avg", "over_refusal"):
+    for metric in ("harmful_avg", "over_refusal", "reasoning_avg"):
         x, y = a["summary"].get(metric), b["summary"].get(metric)
+        if x is None and y is None:
+            continue
         d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
         rows.append(f"| **{metric}** | | {fmt(x)} | {fmt(y)} | {d} |")
     judges = {a["judge"], b["judge"]}
@@ -472,7 +626,8 @@ def main(argv=None) -> int:
 
 
 def run(args):
-    at.require_positive(args, "batch_size", "judge_batch_size", "max_new_tokens", "limit", "bootstrap")
+    at.require_positive(args, "batch_size", "judge_batch_size", "max_new_tokens", "math_max_new_tokens", "limit",
+                        "bootstrap")
     if bool(args.ckpt) == bool(args.model):
         raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model)")
     benches = {}  # loaded first: a bad name fails before any model is loaded
@@ -490,20 +645,28 @@ def run(args):
     for name, items in benches.items():
         records[name] = generate_answers(model, tok, items, out / f"{name}.jsonl", args)
     del model
-    judge = load_judge(args) if args.judge != "keywords" else None
+    safety = [n for n in records if benches[n][0]["label"] in SAFETY]
+    judge = load_judge(args) if args.judge != "keywords" and safety else None
     key = judge_key(args)
     results = dict(**info, judge=key, heuristic=args.judge == "keywords",
-                   generation=dict(max_new_tokens=args.max_new_tokens, sample=args.sample,
+                   generation=dict(max_new_tokens=args.max_new_tokens, math_max_new_tokens=args.math_max_new_tokens,
+                                   sample=args.sample,
                                    temperature=args.temperature if args.sample else None,
                                    top_p=args.top_p if args.sample else None, system_prompt=args.system_prompt,
                                    limit=args.limit),
                    benchmarks={})
     for name, recs in records.items():
-        judge_records(recs, out / f"{name}.jsonl", args, judge)
-        results["benchmarks"][name] = summarise(recs, key, benches[name][0]["label"], args.bootstrap, args.seed)
+        if name in safety:
+            judge_records(recs, out / f"{name}.jsonl", args, judge)
+            results["benchmarks"][name] = summarise(recs, key, benches[name][0]["label"], args.bootstrap, args.seed)
+        else:
+            score_records(recs)
+            at.write_jsonl(out / f"{name}.jsonl", recs)
+            results["benchmarks"][name] = summarise_capability(recs, args.bootstrap, args.seed)
     rates = lambda lab: [b["rate"] for b in results["benchmarks"].values()
                          if b["label"] == lab and b["rate"] is not None]
-    results["summary"] = dict(harmful_avg=mean(rates("harmful")), over_refusal=mean(rates("benign")))
+    results["summary"] = dict(harmful_avg=mean(rates("harmful")), over_refusal=mean(rates("benign")),
+                              reasoning_avg=mean(rates("math") + rates("mc")))
     at.atomic_write(out / "results.json", json.dumps(results, indent=2))
     table = markdown_table(results)
     at.atomic_write(out / "results.md", table + "\n")
