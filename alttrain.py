@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -532,13 +533,18 @@ def template_opens_think(prompt: str) -> bool:
     return prompt.rstrip().endswith("<think>")
 
 
+@functools.lru_cache(maxsize=None)
+def adds_bos(tok) -> bool:
+    """Does this tokenizer put BOS in front of plain text? (asked once per tokenizer)"""
+    return tok.bos_token_id is not None and tok("x").input_ids[:1] == [tok.bos_token_id]
+
+
 def encode_prompt(tok, prompt: str) -> list[int]:
     """Token ids of a rendered prompt. Templates write BOS themselves, so tokenize without special
     tokens (else BOS appears twice); add it only where the tokenizer wants one and the template forgot."""
     ids = tok(prompt, add_special_tokens=False).input_ids
-    bos = tok.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos) and tok("x").input_ids[:1] == [bos]:
-        ids = [bos] + ids
+    if adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
     return ids
 
 
@@ -789,14 +795,15 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         lr = lr_at(step, total, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t_step, loss_sum = time.time(), 0.0
+        t_step, loss_sum, tokens = time.time(), 0.0, 0
         for b in batches:
             b = {key: v.to(dev) for key, v in b.items()}
             loss = response_loss_sum(model, b) / n_sup
             loss.backward()
             loss_sum += loss.item()
             computed += b["input_ids"].numel()
-            real += int(b["attention_mask"].sum())
+            tokens += int(b["attention_mask"].sum())
+        real += tokens
         supervised += n_sup
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -804,7 +811,6 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.time() - t_step
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         last = dict(step=step, epoch=epoch + (k + 1) / steps_per_epoch, loss=round(loss_sum, 5), lr=lr,
                     grad_norm=round(float(grad_norm), 4), tokens=tokens, supervised_tokens=n_sup,
                     tok_per_s=round(tokens / dt, 1), elapsed_s=round(time.time() - t0, 2))

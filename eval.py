@@ -139,30 +139,35 @@ def load_benchmark(name: str, args) -> list[dict]:
                      for i, r in enumerate(rows)]
         else:
             items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
-    elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json") and \
-            at.find_column(at.read_table(name)[0], ANSWER_COLUMNS, name, "answer", required=False):
-        items = load_capability_file(name, args)
     elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json"):
-        rows = at.read_table(name)
-        names = [args.prompt_column.lower()] if args.prompt_column else \
-            ["prompt", "goal", "forbidden_prompt", "instruction", "question", "query"]
-        qcol = at.find_column(rows[0], names, name, "prompt")
-        lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
-        if lcol is None and args.label is None:
-            raise UserError(f"{name}: no label column; pass --label harmful or --label benign")
-        items = []
-        for i, r in enumerate(rows):
-            where = f"{name}:{r['_line']}"
-            if not str(r.get(qcol) or "").strip():
-                raise UserError(f"{where}: empty {qcol!r}")
-            label = at.normalise_label(r[lcol], where) if lcol else args.label
-            items.append(dict(id=i, prompt=str(r[qcol]).strip(), label=label))
+        items = load_local_file(name, args)
     else:
         raise UserError(f"--bench {name}: not a known benchmark ({', '.join(BENCHMARKS)}) "
                         "nor a .csv/.jsonl file")
     if not items:
         raise UserError(f"--bench {name}: no prompts")
     return items[:args.limit] if args.limit else items
+
+
+def load_local_file(name: str, args) -> list[dict]:
+    """A file with an answer column is a capability set; otherwise a safety set (prompt + label)."""
+    rows = at.read_table(name)
+    if at.find_column(rows[0], ANSWER_COLUMNS, name, "answer", required=False):
+        return load_capability_file(name, rows, args)
+    names = [args.prompt_column.lower()] if args.prompt_column else \
+        ["prompt", "goal", "forbidden_prompt", "instruction", "question", "query"]
+    qcol = at.find_column(rows[0], names, name, "prompt")
+    lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
+    if lcol is None and args.label is None:
+        raise UserError(f"{name}: no label column; pass --label harmful or --label benign")
+    items = []
+    for i, r in enumerate(rows):
+        where = f"{name}:{r['_line']}"
+        if not str(r.get(qcol) or "").strip():
+            raise UserError(f"{where}: empty {qcol!r}")
+        label = at.normalise_label(r[lcol], where) if lcol else args.label
+        items.append(dict(id=i, prompt=str(r[qcol]).strip(), label=label))
+    return items
 
 
 ANSWER_COLUMNS = ("answer", "final_answer", "reference_answer")
@@ -178,10 +183,9 @@ def capability_item(i: int, question: str, answer: str, choices=None) -> dict:
                 reference=str(answer).split("####")[-1].strip())  # GSM8K answers end with '#### 72'
 
 
-def load_capability_file(name: str, args) -> list[dict]:
+def load_capability_file(name: str, rows: list[dict], args) -> list[dict]:
     """A local file with a question and an answer column; a `choices` list (JSONL) or A/B/C/D columns
     make it multiple choice."""
-    rows = at.read_table(name)
     names = [args.prompt_column.lower()] if args.prompt_column else ["question", "problem", "prompt", "query"]
     qcol = at.find_column(rows[0], names, name, "question")
     acol = at.find_column(rows[0], ANSWER_COLUMNS, name, "answer")
@@ -204,8 +208,6 @@ def bench_key(name: str) -> str:
 # =====================================================================================================
 def load_policy(args):
     """The model under test: base (+ adapter for --ckpt). Returns (model, tokenizer, description)."""
-    if bool(args.ckpt) == bool(args.model):
-        raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model)")
     quant = torch.cuda.is_available() if args.quant is None else args.quant
     if args.ckpt:
         cfg_path = Path(args.ckpt) / at.CONFIG_NAME
@@ -491,11 +493,7 @@ def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
     return dict(label=records[0]["label"], metric="accuracy", n=len(records), n_judged=len(records),
                 rate=mean(values), ci95=[lo, hi], unparsed=sum(not r["score"]["parsed"] for r in records),
                 unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
-                unfinished_think=mean(not r["think_closed"] for r in records),
-                hit_max_new_tokens=mean(not r["finished"] for r in records),
-                mean_reasoning_tokens=mean(r["reasoning_tokens"] for r in records),
-                mean_answer_tokens=mean(r["answer_tokens"] for r in records),
-                assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0)
+                **output_stats(records), assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0)
 
 
 # =====================================================================================================
@@ -539,6 +537,14 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def output_stats(records: list[dict]) -> dict:
+    """How long the outputs were and how many never finished, for any benchmark."""
+    return dict(unfinished_think=mean(not r["think_closed"] for r in records),
+                hit_max_new_tokens=mean(not r["finished"] for r in records),
+                mean_reasoning_tokens=mean(r["reasoning_tokens"] for r in records),
+                mean_answer_tokens=mean(r["answer_tokens"] for r in records))
+
+
 def summarise(records: list[dict], key: str, label: str, n_boot: int, seed: int) -> dict:
     """Numbers for one benchmark. Harmful sets: harmful rate; benign sets: refusal rate. Answers the
     judge did not parse are left out of the rate and counted (never guessed)."""
@@ -551,11 +557,7 @@ def summarise(records: list[dict], key: str, label: str, n_boot: int, seed: int)
         label=label, metric=f"{field}_rate", n=len(records), n_judged=len(values),
         rate=mean(values), ci95=[lo, hi], unparsed=sum(not v["parsed"] for v in verdicts),
         unparsed_examples=[v["raw"] for v in verdicts if not v["parsed"]][:3],
-        no_refusal_field=sum(v["parsed"] and v[field] is None for v in verdicts),
-        unfinished_think=mean(not r["think_closed"] for r in records),
-        hit_max_new_tokens=mean(not r["finished"] for r in records),
-        mean_reasoning_tokens=mean(r["reasoning_tokens"] for r in records),
-        mean_answer_tokens=mean(r["answer_tokens"] for r in records),
+        no_refusal_field=sum(v["parsed"] and v[field] is None for v in verdicts), **output_stats(records),
         assessment_first=mean(assesses_first(r["reasoning"]) for r in records),
         harmful_verdict_then_refusal=mean(keyword_refusal(r["answer"] or r["output"]) for r in with_verdict),
         n_harmful_verdict=len(with_verdict))
