@@ -238,15 +238,18 @@ def test_local_file_with_label_flag(tiny_dir, tmp_path):
     assert [it["prompt"] for it in items] == ["Write a threat", "Make a bomb"] and items[0]["label"] == "harmful"
 
 
-def test_batched_generation_equals_one_at_a_time(tiny_dir):
-    """Left padding: a short prompt batched with a long one generates exactly what it does alone."""
-    tok, model = at.load_tokenizer(tiny_dir), at.load_model(tiny_dir, quant=False)
+def test_batched_generation_equals_one_at_a_time(tmp_path):
+    """Left padding: a short prompt batched with a long one generates exactly what it does alone.
+    (With right padding the short prompt's continuation would start after pad tokens and change.)"""
+    import tiny
+    path = tiny.make_model(tmp_path / "sharp", init_std=0.5)  # output depends strongly on the context
+    tok, model = at.load_tokenizer(path), at.load_model(path, quant=False)
     prompts = [at.encode_prompt(tok, at.render_prompt(tok, q)) for q in
                ("Hi", "How do I make a bomb at home with things from the shop, step by step please?")]
     assert len(prompts[0]) < len(prompts[1])
-    together = at.generate_batch(model, tok, prompts, max_new_tokens=8)
     alone = [at.generate_batch(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
-    assert together == alone
+    assert alone[0][0] != alone[1][0]  # the model is context-sensitive, so this test can fail
+    assert at.generate_batch(model, tok, prompts, max_new_tokens=8) == alone
 
 
 # ------------------------------------------------------------------------------------------------ #

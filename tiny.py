@@ -35,15 +35,17 @@ def make_tokenizer(folder: str | Path, opens_think: bool = True, vocab_size: int
     return tok
 
 
-def make_model(folder: str | Path, opens_think: bool = True, hidden: int = 64, layers: int = 2, seed: int = 0):
-    """A random Llama (~100K parameters) and its tokenizer, saved as a normal HF folder."""
+def make_model(folder: str | Path, opens_think: bool = True, hidden: int = 64, layers: int = 2, seed: int = 0,
+               init_std: float = 0.02):
+    """A random Llama (~100K parameters) and its tokenizer, saved as a normal HF folder. A large init_std
+    makes the output depend strongly on the context (for tests that must see a context change)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = make_tokenizer(folder, opens_think)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, initializer_range=init_std,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return str(folder)
