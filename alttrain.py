@@ -457,7 +457,13 @@ def close_think(tok, prompt: str) -> str:
     to the sentence itself rather than to the start of a long chain of thought."""
     if template_opens_think(prompt):
         return prompt + "\n</think>\n\n"
-    return prompt + "<think>\n\n</think>\n\n" if "<think>" in tok.get_vocab() else prompt
+    return prompt + "<think>\n\n</think>\n\n" if knows_think(tok) else prompt
+
+
+@functools.lru_cache(maxsize=None)
+def knows_think(tok) -> bool:
+    """Is <think> in the vocabulary? (asked once per tokenizer: get_vocab() builds a dict of the whole 128-152K vocabulary)"""
+    return "<think>" in tok.get_vocab()
 
 
 def load_ha_prompt(path: str) -> str:
@@ -772,10 +778,12 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         raise UserError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro}")
     accum = batch_size // micro
     lengths = [len(ex["input_ids"]) for ex in data]
-    epoch_batches = lambda epoch: length_grouped_batches(lengths, micro, args.seed + epoch)
+    # data order is a function of (seed, epoch) alone, which is what makes --resume exact; computed once an epoch
+    epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: length_grouped_batches(lengths, micro, args.seed + epoch))
     steps_per_epoch = math.ceil(len(epoch_batches(0)) / accum)
     total = steps_per_epoch * args.epochs
     optimizer = make_optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable ones
     step = load_checkpoint(out, model, optimizer) if args.resume else 0
     if step:
         print(f"resuming at step {step}/{total}")
@@ -805,7 +813,6 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
             tokens += int(b["attention_mask"].sum())
         real += tokens
         supervised += n_sup
-        params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
