@@ -4,6 +4,7 @@ Run: python -m pytest -q
 """
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,9 @@ def test_length_grouping_covers_all_and_reduces_padding():
     padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)
     plain = [list(range(k, min(k + 8, 200))) for k in range(0, 200, 8)]
     assert padded(batches) < 0.8 * padded(plain)
+    assert at.length_grouped_batches(lengths, 8, seed=1) != batches  # the order is still random
+    mixed = at.random_batches(lengths, 8, seed=0)
+    assert sorted(i for b in mixed for i in b) == list(range(200)) and padded(batches) < 0.8 * padded(mixed)
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -293,14 +297,16 @@ def test_cli_trains_and_saves_loadable_adapter(tiny_dir, data_file, tmp_path, qu
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
 
 
-def test_kill_and_resume_gives_the_same_adapter(tiny_dir, data_file, tmp_path):
+@pytest.mark.parametrize("batching", ["length", "random"])
+def test_kill_and_resume_gives_the_same_adapter(tiny_dir, data_file, tmp_path, batching):
     from safetensors.torch import load_file
-    assert small_run(tiny_dir, data_file, tmp_path / "a", "--save-every", 2) == 0
-    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2, "--halt-after", 3) == 0
+    run = lambda out, *extra: small_run(tiny_dir, data_file, tmp_path / out, "--save-every", 2, "--batching", batching, *extra)
+    assert run("a") == 0
+    assert run("b", "--halt-after", 3) == 0
     cfg = json.loads((tmp_path / "b" / "alttrain_config.json").read_text())
     assert not cfg["finished"] and not (tmp_path / "b" / "adapter_model.safetensors").exists()
-    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2) == 2  # refuses without --resume
-    assert small_run(tiny_dir, data_file, tmp_path / "b", "--save-every", 2, "--resume") == 0
+    assert run("b") == 2  # refuses without --resume
+    assert run("b", "--resume") == 0
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -420,3 +426,22 @@ def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
     ids = torch.tensor([[0, 5, 17, 42, 99, 7]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+
+def test_bench_padding_counts_padding_and_every_batching_covers_each_example_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    import bench_padding as bp
+    rows = [dict(length=n, supervised=n // 2) for n in (10, 10, 30, 50)]
+    w = bp.waste(rows, [[0, 1], [2, 3]])  # computed 2x10 + 2x50 = 120 tokens, 100 real, 50 supervised
+    assert w["computed"] == 120 and w["padding"] == pytest.approx(20 / 120) and w["supervised"] == pytest.approx(50 / 120)
+    rows = bp.synthetic_1k(seed=0)
+    lengths = [r["length"] for r in rows]
+    assert len(lengths) == 1000 and sum(n >= 1000 for n in lengths) == 100
+    batchings = bp.batchings(lengths, 8, epoch=1)
+    for name, batches in batchings.items():
+        assert sorted(i for b in batches for i in b) == list(range(1000)), name
+        assert all(len(b) == 8 for b in batches), name
+    ours = bp.waste(rows, batchings["ours"])["padding"]
+    assert ours < 0.5 * bp.waste(rows, batchings["random"])["padding"]
+    assert ours < bp.waste(rows, batchings["hf grouped"])["padding"]  # transformers' LengthGroupedSampler
