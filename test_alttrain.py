@@ -428,7 +428,6 @@ def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
-
 def test_bench_padding_counts_padding_and_every_batching_covers_each_example_once(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
     import bench_padding as bp

@@ -6,6 +6,7 @@ here, without running a model (a batch of 8 costs 8 x its longest example):
   ours          alttrain.length_grouped_batches: shuffle, sort inside chunks of 64 batches, shuffle batches
   data order    consecutive examples as selected (alttrain.py selects the harmful ones, then the benign)
   random        a fresh random order every epoch: Trainer's default sampler, so TRL SFTTrainer's default
+                (and alttrain.py --batching random)
   hf grouped    transformers' LengthGroupedSampler (train_sampling_strategy="group_by_length" in TRL/Trainer)
 on two length distributions:
   quick start   data/train.jsonl as alttrain.py tokenizes it (159 examples, 96-179 tokens with SmolLM2's tokenizer)
@@ -42,13 +43,11 @@ def synthetic_1k(seed: int) -> list[dict]:
 def batchings(lengths: list[int], batch_size: int, epoch: int) -> dict[str, list[list[int]]]:
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
-    n = len(lengths)
-    chunk = lambda order: [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    rng = random.Random(epoch)
+    chunk = lambda order: [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     hf = LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(epoch))
     return {"ours": at.length_grouped_batches(lengths, batch_size, seed=epoch),
-            "data order": chunk(list(range(n))),
-            "random": chunk(rng.sample(range(n), n)),
+            "data order": chunk(list(range(len(lengths)))),
+            "random": at.random_batches(lengths, batch_size, seed=epoch),  # alttrain.py --batching random
             "hf grouped": chunk(list(hf))}
 
 
