@@ -81,9 +81,14 @@ def set_loss(model, data: list[dict], pad_id: int) -> float:
 
 def run_ours(model, tok, data, args, quant: bool, out: str) -> dict:
     """alttrain.py's own add_lora + train, exactly as `python alttrain.py` calls them."""
-    flags = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--optim", args.optim, "--out", out,
-             "--batch-size", str(SETTINGS["batch_size"]), "--save-every", "1000000"] + ([] if quant else ["--no-quant"])
-    targs = at.build_parser().parse_args(flags)
+    # every setting from LORA/SETTINGS, as TRL gets them, so one edit changes both trainers
+    flags = ["--epochs", args.epochs, "--lr", args.lr, "--optim", args.optim, "--out", out, "--save-every", 10**6,
+             "--batch-size", SETTINGS["batch_size"], "--warmup-steps", SETTINGS["warmup_steps"],
+             "--betas", *SETTINGS["betas"], "--weight-decay", SETTINGS["weight_decay"],
+             "--grad-clip", SETTINGS["grad_clip"], "--seed", SETTINGS["seed"],
+             "--lora-r", LORA["r"], "--lora-alpha", LORA["lora_alpha"], "--lora-dropout", LORA["lora_dropout"],
+             "--lora-targets", ",".join(LORA["target_modules"])] + ([] if quant else ["--no-quant"])
+    targs = at.build_parser().parse_args([str(f) for f in flags])
     model = at.add_lora(model, targs, quant)
     t0 = time.time()
     metrics = at.train(targs, model, tok, data, Path(out))
@@ -204,10 +209,8 @@ def main(argv=None):
                 runs[key] = json.loads(proc.stdout.strip().splitlines()[-1])
                 # saved after every run: an interrupted benchmark keeps what it measured
                 c.save(args.out, dict(machine=c.machine(), settings=settings, runs=runs, ratios=ratios(runs)))
-    result = dict(machine=c.machine(), settings=settings, runs=runs, ratios=ratios(runs))
-    c.save(args.out, result)
     print(table(runs))
-    for key, r in result["ratios"].items():
+    for key, r in ratios(runs).items():
         print(f"{key}: ours/TRL speed {r['speed']:.2f}x, peak memory {r['peak_mem']:.2f}x, "
               f"set loss after ours - TRL {r['set_loss_after_diff']:+.4f}")
 
