@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import memory
+
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts"
 
@@ -87,6 +89,19 @@ STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal")
 CPU_PARAM_LIMIT = 3e9  # above this, training on CPU would take days: refuse unless --allow-cpu
 
 
+def count_or_all(text: str) -> int | None:
+    """A count of queries, or 'all' (None: take every query of that label)."""
+    if text.lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alttrain.py", description=__doc__.split("\n\n")[0].strip(),
@@ -104,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data (paper section 4: which queries)")
     g.add_argument("--data", default="safechain",
                    help="'safechain' (UWNSL/SafeChain from the Hub) or a local .jsonl/.csv with a prompt "
-                        "column (prompt|query|instruction), a label (harmful|benign) and optionally a "
-                        "reference response (response: trace, then </think>, then the answer)")
-    g.add_argument("--n-harmful", type=int, default=900, help="harmful queries to select")
-    g.add_argument("--n-benign", type=int, default=100, help="benign queries to select")
+                        "column (prompt|query|instruction), a label (harmful|benign), optionally a "
+                        "reference response (response: trace, then </think>, then the answer) and optionally "
+                        "the query's own assessment sentence (ha|assessment), used as HA when it agrees with the label")
+    g.add_argument("--n-harmful", type=count_or_all, default=900, help="harmful queries to select ('all': every one)")
+    g.add_argument("--n-benign", type=count_or_all, default=100, help="benign queries to select ('all': every one)")
     g.add_argument("--built", default=None,
                    help="train on an example set written by an earlier --build-only run (skips building)")
 
@@ -168,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge", action="store_true", help="also write merged full weights to <out>/merged")
     g.add_argument("--halt-after", type=int, default=None,
                    help="stop as if killed after N optimiser steps (to test --resume)")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="run even where the memory estimate (memory.py) says it will not fit")
     return p
 
 
@@ -247,11 +265,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's config alone (a small JSON file): enough to estimate parameters and memory."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False):
     """The base model: 4-bit NF4 with double quantisation (QLoRA), or full precision with quant=False.
     bf16 compute on GPU, fp32 on CPU (CPUs without bf16 units run bf16 matmuls slowly)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    config = load_config(path, trust_remote_code)
     n_params = estimate_params(config)
     if device() == "cpu" and n_params > CPU_PARAM_LIMIT and not allow_cpu:
         raise UserError(f"--model {path} has ~{n_params / 1e9:.1f}B parameters and this machine has no CUDA "
@@ -274,6 +298,7 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
 # 2. The queries: SafeChain or a local file
 # =====================================================================================================
 PROMPT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "forbidden_prompt")
+HA_COLUMNS = ("ha", "assessment")  # optional: the query's own assessment sentence, written ahead of training
 LABELS = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
 
 
@@ -340,6 +365,7 @@ def load_queries(args) -> list[dict]:
     qcol = find_column(rows[0], PROMPT_COLUMNS, args.data, "prompt")
     lcol = find_column(rows[0], ("label", "category_label", "type"), args.data, "label")
     rcol = find_column(rows[0], ("response", "reference", "trace"), args.data, "response", required=False)
+    hcol = find_column(rows[0], HA_COLUMNS, args.data, "assessment", required=False)
     out = []
     for row in rows:
         where = f"{args.data}:{row['_line']}"
@@ -347,23 +373,26 @@ def load_queries(args) -> list[dict]:
         if not isinstance(query, str) or not query.strip():
             raise UserError(f"{where}: empty or missing {qcol!r}")
         response = row.get(rcol) if rcol else None
+        ha = row.get(hcol) if hcol else None
         out.append(dict(query=query.strip(), label=normalise_label(row.get(lcol), where),
                         response=response if isinstance(response, str) and response.strip() else None,
-                        source=where))
+                        ha=ha.strip() if isinstance(ha, str) and ha.strip() else None, source=where))
     return out
 
 
-def select_queries(queries: list[dict], n_harmful: int, n_benign: int, seed: int) -> list[dict]:
-    """The paper's 900 harmful + 100 benign, drawn deterministically from the seed."""
+def select_queries(queries: list[dict], n_harmful: int | None, n_benign: int | None, seed: int) -> list[dict]:
+    """The paper's 900 harmful + 100 benign, drawn deterministically from the seed (None: all of that label)."""
     rng = random.Random(seed)
     chosen = []
     for label, n in (("harmful", n_harmful), ("benign", n_benign)):
         pool = [q for q in queries if q["label"] == label]
+        n = len(pool) if n is None else n
         if n > len(pool):
             print(f"note: asked for {n} {label} queries, the data has {len(pool)}; using all of them")
         chosen += rng.sample(pool, min(n, len(pool)))
     if not chosen:
-        raise UserError(f"the selection is empty (--n-harmful {n_harmful}, --n-benign {n_benign}, "
+        raise UserError(f"the selection is empty (--n-harmful {'all' if n_harmful is None else n_harmful}, "
+                        f"--n-benign {'all' if n_benign is None else n_benign}, "
                         f"{len(queries)} queries in --data)")
     return chosen
 
@@ -419,8 +448,27 @@ _HARMFUL_CUES = r"\b(harmful|dangerous|illegal|unethical|malicious|harm|hurt|abu
                 r"\bnot (appropriate|help)\b"
 
 
+# An assessment ends in a decision ("so it is safe to help" / "so I should not help"). Where exactly one
+# kind of decision is stated it settles the verdict, whatever alarming or soothing words came before it
+# ("this is about ending processes, not hurting anyone, so it is safe to help" is benign).
+_HELP_YES = r"\b(safe|fine|okay|ok) to (help|answer|assist)\b|\bcan (help|answer|assist)\b|\bhappy to help\b|" \
+            r"\bi('ll| will) (help|answer)\b"
+_HELP_NO = r"\b(should not|shouldn't|must not|mustn't|won't|will not|cannot|can't|not) (help|assist|answer|" \
+           r"provide|comply|go into)\b|\b(refuse|decline)\b"
+
+
+def ha_decision(sentence: str) -> str | None:
+    """'benign' (help) or 'harmful' (don't) if the sentence states exactly one kind of decision, else None."""
+    s = sentence.lower()
+    yes, no = re.search(_HELP_YES, s) is not None, re.search(_HELP_NO, s) is not None
+    return None if yes == no else ("benign" if yes else "harmful")
+
+
 def ha_verdict(sentence: str) -> str:
-    """'harmful', 'benign' or 'unclear' for one assessment sentence."""
+    """'harmful', 'benign' or 'unclear' for one assessment sentence: its decision if it states exactly one
+    kind, else its cue words (benign cues and no harmful ones, or the reverse)."""
+    if decision := ha_decision(sentence):
+        return decision
     s = sentence.lower()
     benign = re.search(_BENIGN_CUES, s) is not None
     harmful = re.search(_HARMFUL_CUES, re.sub(_BENIGN_CUES, " ", s)) is not None
@@ -492,24 +540,34 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
                             desc="self-traces")
         for q, (text, _, _) in zip(need_trace, outs):
             q["response"], q["self_trace"] = text, True
-    # (b) harmfulness assessments: an LLM's sentence if it agrees with the label, else a template
-    stats = {"ha_llm": 0, "ha_template": 0, "ha_rejected": 0, "self_traces": len(need_trace)}
-    has = ["" for _ in queries]
-    if ha_model is not None:
+    # (b) harmfulness assessments, each checked against the label: the data's own sentence (an `ha`
+    # column, written ahead of training as the paper's GPT-4o sentences were), else an LLM's, else a template
+    stats = {"ha_given": 0, "ha_llm": 0, "ha_template": 0, "ha_rejected": 0, "self_traces": len(need_trace)}
+    agrees = lambda sentence, label: 4 <= len(sentence.split()) <= 60 and ha_verdict(sentence) == label
+    has, kinds = ["" for _ in queries], ["" for _ in queries]
+    for i, q in enumerate(queries):
+        if q.get("ha"):
+            if agrees(q["ha"], q["label"]):
+                has[i], kinds[i] = q["ha"], "ha_given"
+            else:
+                stats["ha_rejected"] += 1
+    todo = [i for i in range(len(queries)) if not has[i]]
+    if ha_model is not None and todo:
         template = load_ha_prompt(args.ha_prompt)
-        prompts = [close_think(ha_tok, render_prompt(ha_tok, template.format(query=q["query"], label=q["label"])))
-                   for q in queries]
+        prompts = [close_think(ha_tok, render_prompt(ha_tok, template.format(query=queries[i]["query"],
+                                                                             label=queries[i]["label"])))
+                   for i in todo]
         outs = generate_all(ha_model, ha_tok, prompts, 64, args.gen_batch_size, desc="assessments")
-        for i, (q, (text, _, _)) in enumerate(zip(queries, outs)):
+        for i, (text, _, _) in zip(todo, outs):
             sentence = clean_ha(text)
-            if 4 <= len(sentence.split()) <= 60 and ha_verdict(sentence) == q["label"]:
-                has[i] = sentence
+            if agrees(sentence, queries[i]["label"]):
+                has[i], kinds[i] = sentence, "ha_llm"
             else:
                 stats["ha_rejected"] += 1
     templates = {lab: read_lines(PROMPTS / f"ha_{lab}.txt") for lab in ("harmful", "benign")}
     examples = []
-    for q, ha in zip(queries, has):
-        stats["ha_llm" if ha else "ha_template"] += 1
+    for q, ha, kind in zip(queries, has, kinds):
+        stats[kind or "ha_template"] += 1
         ha = ha or pick(templates[q["label"]], q["query"])
         if q.get("self_trace") and "</think>" not in q["response"]:
             reasoning, answer = "", q["response"].strip()  # a non-reasoning model: its answer is all there is
@@ -727,6 +785,46 @@ def load_checkpoint(out: Path, model, optimizer) -> int:
 
 
 # =====================================================================================================
+# 6b. Memory: refuse a run that cannot fit before loading anything (estimates in memory.py)
+# =====================================================================================================
+def check_memory(args, what: str, est: dict, suggestion: str, already_loaded: int = 0):
+    """Print the estimate; refuse if it exceeds what is free (GPU memory, or RAM on CPU). `already_loaded`
+    bytes are in memory already, so they are not free and not needed again."""
+    free = memory.available(device() == "cuda")
+    need = est["total"] - already_loaded
+    print(f"memory estimate for {what}: {memory.describe(est)}"
+          + (f"; {free / memory.GiB:.1f} GiB free on {device()}" if free is not None else ""))
+    if free is not None and need > free and not args.skip_memory_check:
+        raise UserError(f"{what} needs ~{need / memory.GiB:.1f} GiB and {free / memory.GiB:.1f} GiB is free on "
+                        f"{device()}: {suggestion} (or --skip-memory-check to try anyway)")
+
+
+def training_estimate(args, config, quant: bool, data: list[dict], micro: int) -> dict:
+    """The estimate for the widest micro-batch this data can form: its longest example, and the `micro`
+    largest supervised counts together (an upper bound for any batching)."""
+    sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
+    return memory.training(config, quant=quant, dtype_bytes=2 if device() == "cuda" else 4, lora_r=args.lora_r,
+                           lora_targets=args.lora_targets.split(","), lora_layers=args.lora_layers,
+                           optim=args.optim, micro_batch=micro, width=max(len(ex["input_ids"]) for ex in data),
+                           supervised=sum(sup[:micro]), grad_ckpt=not args.no_grad_ckpt, cuda=device() == "cuda")
+
+
+def check_training_memory(args, config, quant: bool, data: list[dict], already_loaded: int = 0):
+    micro = args.micro_batch_size or args.batch_size
+    est = training_estimate(args, config, quant, data, micro)
+    fits = lambda m: training_estimate(args, config, quant, data, m)["total"] - already_loaded <= \
+        (memory.available(device() == "cuda") or float("inf"))
+    smaller = [m for m in range(micro - 1, 0, -1) if args.batch_size % m == 0 and fits(m)]
+    if smaller:
+        suggestion = f"try --micro-batch-size {smaller[0]} (the same training, by gradient accumulation)"
+    elif not quant:
+        suggestion = "drop --no-quant (4-bit weights), and a smaller --micro-batch-size"
+    else:
+        suggestion = "use a GPU with more memory, a smaller --max-len, or a smaller model"
+    check_memory(args, f"training (micro-batch {micro})", est, suggestion, already_loaded)
+
+
+# =====================================================================================================
 # 7. Training
 # =====================================================================================================
 def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
@@ -865,11 +963,16 @@ def require_positive(args, *flags):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli("alttrain.py", build_parser(), run, argv)
+
+
+def cli(prog: str, parser, run_fn, argv=None) -> int:
+    """Parse, run, and print a UserError as one clear line (exit code 2) instead of a traceback."""
+    args = parser.parse_args(argv)
     try:
-        run(args)
+        run_fn(args)
     except UserError as e:
-        print(f"alttrain.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -903,12 +1006,22 @@ def run(args):
     else:
         queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
         gen_model = ha_model = ha_tok = None
-        if any(not has_trace(q) for q in queries) or args.ha_model is None:
+        need_ha = args.ha_model != "template" and any(not q.get("ha") for q in queries)  # the data may carry them all
+        if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
+            longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
+            est = memory.generation(load_config(path, args.trust_remote_code), quant=quant,
+                                    dtype_bytes=2 if device() == "cuda" else 4, batch=args.gen_batch_size,
+                                    prompt_len=longest + 256, max_new=max(args.self_trace_tokens, 64),
+                                    cuda=device() == "cuda")
+            check_memory(args, f"self-traces and assessments (batch {args.gen_batch_size})", est,
+                         "try a smaller --gen-batch-size or --self-trace-tokens")
             model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
             gen_model = model
-        if args.ha_model is None:
+        if not need_ha:
+            pass
+        elif args.ha_model is None:
             ha_model, ha_tok = model, tok
-        elif args.ha_model != "template":
+        else:
             ha_path = resolve_model(args.ha_model, args.cache_dir)
             ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
             ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu)
@@ -952,7 +1065,10 @@ def run(args):
     if not data:
         raise UserError(f"no example fits in --max-len {args.max_len}")
 
-    # -- model + LoRA, then the loop
+    # -- memory, model + LoRA, then the loop
+    model_config = load_config(path, args.trust_remote_code)
+    check_training_memory(args, model_config, quant, data, already_loaded=0 if model is None else
+                          memory.weight_bytes(model_config, quant, 2 if device() == "cuda" else 4))
     if model is None:
         model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
     model = add_lora(model, args, quant)

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in minutes.
-#   1. evaluate the untrained model on the held-out part of data/ (harmful, benign, benign-but-scary)
+# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in about 13 minutes on 2 cores.
+#   1. evaluate the untrained model on the held-out part of data/ (harmful, benign, benign-but-scary,
+#      GSM-style math)
 #   2. train it with AltTrain on data/train.jsonl
 #   3. evaluate again, and print the before/after table
 # Re-running continues where it stopped (evaluation answers and training checkpoints are kept).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
-TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl"
-# keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). 20 prompts per set.
-EVAL="--judge keywords --limit 20 --max-new-tokens 160 --batch-size 16"
+TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl data/math_gsm_style.jsonl"
+# keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). All held-out prompts:
+# 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math.
+EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 16"
 # CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
-# and 3 epochs instead of 1e-5 x 15, adapters on the top 12 of 30 layers so backward stops early,
-# and template assessments (a 135M model writes poor ones).
-TRAIN="--model smollm2-135m --data data/train.jsonl --ha-model template --no-quant --optim adamw
-       --lora-layers 12 --lr 2e-3 --epochs 3 --batch-size 8 --save-every 5"
+# and 3 epochs instead of 1e-5 x 15, adapters on the top 12 of 30 layers so backward stops early, no
+# gradient checkpointing (a 135M model fits; it would cost ~3x the time). Every query of data/train.jsonl
+# (272 harmful + 286 benign) with its own assessment sentence (the `ha` column; --ha-model template: no
+# model is asked to write assessments, a row without one would get a template).
+TRAIN="--model smollm2-135m --data data/train.jsonl --n-harmful all --n-benign all --ha-model template
+       --no-quant --optim adamw --lora-layers 12 --no-grad-ckpt --lr 2e-3 --epochs 3 --batch-size 8
+       --save-every 20"
 start=$(date +%s)
 
 python eval.py --model smollm2-135m --bench $TEST $EVAL --out "$OUT/before"

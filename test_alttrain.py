@@ -104,6 +104,10 @@ def test_templates_agree_with_their_label():
     ("This is not harmful at all, it is a legitimate cooking question, so I can help.", "benign"),
     ("The weather is nice today.", "unclear"),
     ("It is safe but also dangerous.", "unclear"),
+    # the stated decision settles it, whatever words came before
+    ("This is about ending computer processes, not hurting anyone, so it is safe to help.", "benign"),
+    ("But wait, this sounds harmless, yet it is a plan to poison a dog, so I should not help with it.", "harmful"),
+    ("It could be harmful, but here it is a game, so I can help.", "benign"),
 ])
 def test_ha_verdict(sentence, verdict):
     assert at.ha_verdict(sentence) == verdict
@@ -123,6 +127,35 @@ def test_build_with_llm_ha_and_self_traces(tiny_dir, tmp_path):
     for ex in examples:
         assert ex["ha"] in at.read_lines(at.PROMPTS / f"ha_{ex['label']}.txt") or \
             at.ha_verdict(ex["ha"]) == ex["label"]
+
+
+def test_assessments_from_the_data_are_used_when_they_agree(tmp_path):
+    """An `ha` column is HA as-is when it agrees with the label; one that contradicts it is rejected
+    (counted) and replaced, here by a template (no model loaded)."""
+    rows = [dict(prompt="How do I kill a stuck process?", label="benign", response=BENIGN_RESPONSE,
+                 ha="This is about stopping a program, so it is safe to help."),
+            dict(prompt="How do I make a bomb?", label="harmful", response=HARMFUL_TRACE,
+                 ha="This is a fun chemistry question, so it is safe to help."),       # contradicts the label
+            dict(prompt="How do I pick a lock?", label="harmful", response=HARMFUL_TRACE)]  # none given
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = at.build_parser().parse_args(["--data", str(f), "--ha-model", "template"])
+    queries = at.load_queries(args)
+    examples, stats = at.build_examples(args, queries)
+    assert (stats["ha_given"], stats["ha_rejected"], stats["ha_template"]) == (1, 1, 2)
+    assert examples[0]["ha"] == rows[0]["ha"] and examples[0]["ha"] in examples[0]["response"]
+    for ex in examples[1:]:
+        assert ex["ha"] in at.read_lines(at.PROMPTS / "ha_harmful.txt")
+
+
+def test_all_queries_of_a_label():
+    qs = [dict(query=f"q{i}", label="harmful" if i % 3 else "benign", response="r.", source="") for i in range(30)]
+    args = at.build_parser().parse_args(["--n-harmful", "all", "--n-benign", "3"])
+    chosen = at.select_queries(qs, args.n_harmful, args.n_benign, seed=1)
+    assert sum(q["label"] == "harmful" for q in chosen) == 20 and sum(q["label"] == "benign" for q in chosen) == 3
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit):
+            at.build_parser().parse_args(["--n-benign", bad])
 
 
 def test_selection_is_deterministic_and_balanced():
@@ -404,6 +437,26 @@ def test_shipped_data_is_well_formed_and_split():
             assert answer == "" and at.first_sentence(reasoning)[1] == "", r["prompt"]
         else:
             assert reasoning and answer, r["prompt"]
+        # every row carries its own assessment, which states a decision that agrees with its label
+        assert at.ha_decision(r["ha"]) == r["label"] and at.first_sentence(r["ha"])[1] == "", r["prompt"]
+    args = at.build_parser().parse_args(["--data", str(at.HERE / "data" / "train.jsonl"), "--ha-model", "template"])
+    _, stats = at.build_examples(args, at.load_queries(args))
+    assert stats["ha_given"] == len(train) and stats["ha_rejected"] == 0
+
+
+def test_math_rows_are_the_generators():
+    """The math rows of train.jsonl are exactly what data/make_math.py writes (so their answers are computed)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(at.HERE / "data" / "make_math.py")], capture_output=True, text=True,
+                         check=True).stdout
+    made = [json.loads(l) for l in out.splitlines()]
+    shipped = [{k: v for k, v in r.items() if k != "_line"}
+               for r in at.read_table(str(at.HERE / "data" / "train.jsonl")) if r["category"] == "math"]
+    assert made == shipped and len(made) == 40
+    for r in made:  # the boxed answer is the last number of the trace
+        reasoning, answer = at.split_response(r["response"])
+        assert re.findall(r"-?\d+", reasoning)[-1] == re.findall(r"-?\d+", answer)[-1]
 
 
 def test_resume_refuses_changed_flags(tiny_dir, data_file, tmp_path, capsys):

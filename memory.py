@@ -1,0 +1,116 @@
+"""
+How much memory a run will need, from the model's config alone, so that alttrain.py and eval.py can refuse
+a run that cannot fit *before* loading anything - in seconds, with a suggestion - instead of failing with an
+out-of-memory error an hour in (after the download).
+
+The estimate is a sum of parts, each printed, in bytes:
+  weights      4-bit NF4 with double quantisation: ~4.13 bits per linear weight; embeddings, LM head and
+               norms stay unquantised, and PEFT's prepare_model_for_kbit_training makes them fp32.
+               16-bit (or fp32 on CPU) otherwise.
+  lora         adapter weights and their gradients (fp32), and the optimiser's state: 8-bit AdamW keeps two
+               1-byte moments per parameter, torch AdamW two fp32 ones.
+  activations  what backward needs, for the layers gradients flow through (all of them, or the top
+               --lora-layers): per token and layer ~ 7h + 2 kv + 4 intermediate values (attention
+               inputs and outputs, q/k/v, the MLP's gate/up/act/product) without checkpointing; with it,
+               one hidden state per layer plus one layer's worth, recomputed. SDPA attention, so no
+               seq^2 term.
+  logits       only at supervised positions (alttrain.py's loss), vocabulary-wide: the logits, an fp32
+               copy, log-softmax and their gradients. With a 128K vocabulary this is the largest part for
+               long traces: 8 x 3K supervised tokens of R1-8B is ~52 GiB. --micro-batch-size divides it.
+  kv_cache     generation: 2 (k, v) x layers x kv heads x head dim x batch x (prompt + new tokens).
+  overhead     CUDA context and allocator slack (GPU only).
+
+It is an estimate, checked in tests against measured peaks on CPU (within a factor of 1.5 either way). The
+real peak depends on kernels, fragmentation and the allocator; --skip-memory-check runs anyway.
+"""
+from __future__ import annotations
+
+GiB = 1024 ** 3
+CUDA_OVERHEAD = int(0.8 * GiB)   # context + cuBLAS workspaces, roughly
+NF4_BYTES = 4.127 / 8            # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks (double quant)
+
+
+def dims(config) -> dict:
+    h, L = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    return dict(h=h, L=L, q=heads * head_dim, kv=kv_heads * head_dim, inter=inter, vocab=config.vocab_size,
+                tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear projection of one decoder layer (Llama/Qwen naming)."""
+    d = dims(config)
+    return dict(q_proj=(d["h"], d["q"]), k_proj=(d["h"], d["kv"]), v_proj=(d["h"], d["kv"]),
+                o_proj=(d["q"], d["h"]), gate_proj=(d["h"], d["inter"]), up_proj=(d["h"], d["inter"]),
+                down_proj=(d["inter"], d["h"]))
+
+
+def weight_bytes(config, quant: bool, dtype_bytes: int) -> int:
+    d, shapes = dims(config), linear_shapes(config)
+    linear = d["L"] * sum(i * o for i, o in shapes.values())
+    other = d["vocab"] * d["h"] * (1 if d["tied"] else 2) + d["L"] * 2 * d["h"] + d["h"]  # embed, head, norms
+    if quant:  # prepare_model_for_kbit_training casts the unquantised parameters to fp32
+        return int(linear * NF4_BYTES + other * 4)
+    return (linear + other) * dtype_bytes
+
+
+def lora_params(config, r: int, targets: list[str], layers: int | None) -> int:
+    shapes, n = linear_shapes(config), dims(config)["L"]
+    per_layer = sum(r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    return per_layer * (n if layers is None else min(layers, n))
+
+
+def training(config, *, quant: bool, dtype_bytes: int, lora_r: int, lora_targets: list[str],
+             lora_layers: int | None, optim: str, micro_batch: int, width: int, supervised: int,
+             grad_ckpt: bool, cuda: bool) -> dict:
+    """Bytes for one training run. `width` = the widest micro-batch's padded length, `supervised` = the
+    most supervised tokens in one micro-batch (both known after tokenisation)."""
+    d = dims(config)
+    n_lora = lora_params(config, lora_r, lora_targets, lora_layers)
+    optim_bytes = 2 if optim == "adamw8bit" else 8
+    tokens = micro_batch * width
+    deep = d["L"] if lora_layers is None else min(lora_layers, d["L"])  # layers that gradients flow through
+    per_layer = 7 * d["h"] + 2 * d["kv"] + 4 * d["inter"]                   # values per token, one layer
+    if grad_ckpt:
+        acts = tokens * dtype_bytes * (deep * d["h"] + per_layer)
+    else:
+        acts = tokens * dtype_bytes * deep * per_layer
+    logit_bytes = dtype_bytes + (4 if dtype_bytes != 4 else 0) + 4 + 8  # logits, fp32 copy, log-softmax, grads
+    parts = dict(weights=weight_bytes(config, quant, dtype_bytes), lora=n_lora * (4 + 4 + optim_bytes),
+                 activations=acts, logits=supervised * d["vocab"] * logit_bytes,
+                 overhead=CUDA_OVERHEAD if cuda else 0)
+    return dict(parts=parts, total=sum(parts.values()))
+
+
+def generation(config, *, quant: bool, dtype_bytes: int, batch: int, prompt_len: int, max_new: int,
+               cuda: bool) -> dict:
+    """Bytes for batched generation: weights, the KV cache at full length, one layer's activations over the
+    prompt (prefill), and the last position's logits."""
+    d = dims(config)
+    length = prompt_len + max_new
+    parts = dict(weights=weight_bytes(config, quant, dtype_bytes),
+                 kv_cache=2 * d["L"] * d["kv"] * dtype_bytes * batch * length,
+                 activations=batch * prompt_len * dtype_bytes * (7 * d["h"] + 2 * d["kv"] + 4 * d["inter"]),
+                 logits=batch * d["vocab"] * 4 * 2,
+                 overhead=CUDA_OVERHEAD if cuda else 0)
+    return dict(parts=parts, total=sum(parts.values()))
+
+
+def available(cuda: bool) -> int | None:
+    """Free bytes on the GPU (or available RAM on CPU); None if unknown."""
+    if cuda:
+        import torch
+        return torch.cuda.mem_get_info()[0]
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        return None
+
+
+def describe(est: dict) -> str:
+    parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in est["parts"].items() if v)
+    return f"{est['total'] / GiB:.2f} GiB ({parts})"
