@@ -13,13 +13,12 @@ TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.json
 # 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math.
 EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 16"
 # CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
-# and 3 epochs instead of 1e-5 x 15, adapters on the top 12 of 30 layers so backward stops early, no
-# gradient checkpointing (a 135M model fits; it would cost ~3x the time). Every query of data/train.jsonl
-# (272 harmful + 286 benign) with its own assessment sentence (the `ha` column; --ha-model template: no
-# model is asked to write assessments, a row without one would get a template).
+# and 2 epochs instead of 1e-5 x 15, no gradient checkpointing (a 135M model fits without it, and it costs
+# recomputation). LoRA r=16 on all seven projections of all layers, as in the paper. Every query of
+# data/train.jsonl (272 harmful + 286 benign) with its own assessment sentence (the `ha` column;
+# --ha-model template: no model is asked to write assessments, a row without one would get a template).
 TRAIN="--model smollm2-135m --data data/train.jsonl --n-harmful all --n-benign all --ha-model template
-       --no-quant --optim adamw --lora-layers 12 --no-grad-ckpt --lr 2e-3 --epochs 3 --batch-size 8
-       --save-every 20"
+       --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --save-every 20"
 start=$(date +%s)
 
 python eval.py --model smollm2-135m --bench $TEST $EVAL --out "$OUT/before"
