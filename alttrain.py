@@ -591,8 +591,13 @@ def render_prompt(tok, query: str, system_prompt: str | None = None) -> str:
     """The tokenizer's own chat template with the generation prompt, no system prompt by default.
     The assistant turn is NOT rendered by the template: DeepSeek's template strips everything before
     </think> from assistant messages, which would silently delete PU, HA and CR from training data."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-               [{"role": "user", "content": query}]
+    return render_chat(tok, [{"role": "user", "content": query}], system_prompt)
+
+
+def render_chat(tok, messages: list[dict], system_prompt: str | None = None) -> str:
+    """A conversation so far, with the generation prompt for the next assistant turn. Earlier assistant
+    turns should hold only their final answers: that is what DeepSeek's template keeps of them anyway."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

@@ -8,7 +8,8 @@ on benign ones - plus numbers about the reasoning structure itself.
     python eval.py --compare before/results.json after/results.json
 
 Steps (each a section below)
-  1. Benchmarks: strongreject, jbb, wildjailbreak (harmful), xstest (benign: over-refusal), or local files.
+  1. Benchmarks: strongreject, jbb, wildjailbreak and JailbreakBench's GCG/PAIR/JBC jailbreak prompts
+     (harmful), xstest (benign: over-refusal), capability sets, or local files.
   2. Generation: the chat template exactly as in training (one <think>, no system prompt), greedy with
      1024 new tokens as in R1-Act, batched with left padding. Each answer is appended to
      <out>/<bench>.jsonl as soon as it exists, so a killed run resumes where it stopped.
@@ -51,6 +52,11 @@ BENCHMARKS = {
                           label="harmful"),
     "xstest": dict(hf="walledai/XSTest", split="test", column="prompt", label="benign",
                    keep=lambda row: row["label"] == "safe"),  # the 250 safe prompts
+    # JailbreakBench's published attack artifacts: for each of the 100 JBB behaviours, the jailbreak prompt
+    # an attack found against --jbb-artifact-model (the paper's GCG, PAIR and JBC rows)
+    "jbb-gcg": dict(artifact="GCG/white_box", label="harmful"),
+    "jbb-pair": dict(artifact="PAIR/black_box", label="harmful"),
+    "jbb-jbc": dict(artifact="JBC/manual", label="harmful"),
     # capability: does reasoning survive? (the paper's "Reasoning Avg"). label = how answers are scored
     "gsm8k": dict(hf="openai/gsm8k", config="main", split="test", column="question", label="math",
                   answer=lambda row: row["answer"].split("####")[-1].strip()),
@@ -62,6 +68,7 @@ BENCHMARKS = {
 SAFETY, CAPABILITY = ("harmful", "benign"), ("math", "mc")
 JUDGES = {"qwen3guard": "Qwen/Qwen3Guard-Gen-0.6B", "llama-guard-3-1b": "meta-llama/Llama-Guard-3-1B",
           "keywords": None}
+JBB_ARTIFACTS = "https://raw.githubusercontent.com/JailbreakBench/artifacts/main/attack-artifacts"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label for local safety files without a label column (a file with an answer "
                         "column is a capability set: math, or multiple choice if it has choices)")
     g.add_argument("--limit", type=int, help="first N prompts of each benchmark (quick runs)")
+    g.add_argument("--jbb-artifacts", default=None,
+                   help="for jbb-gcg/jbb-pair/jbb-jbc: a local folder with METHOD_MODEL.json files (or the "
+                        "artifacts repository's attack-artifacts/ layout); default: fetched from JailbreakBench's "
+                        "artifacts repository")
+    g.add_argument("--jbb-artifact-model", default="vicuna-13b-v1.5",
+                   help="whose jailbreak prompts to use (the model the attacks were run against)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="for safety sets, as in R1-Act")
@@ -98,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95, help="with --sample (DeepSeek's advice)")
     g.add_argument("--system-prompt", default=None,
                    help="system prompt (default: the training run's, else none)")
+    g.add_argument("--defense", choices=("none", "ia"), default="none",
+                   help="ia = intention analysis (Zhang et al. 2024), the paper's prompting baseline: first ask "
+                        "for the query's essential intention (prompts/ia_intention.txt), then for the answer "
+                        "knowing it (prompts/ia_answer.txt); the second answer is judged")
     g.add_argument("--seed", type=int, default=1995, help="seed for sampling and bootstrap")
 
     g = p.add_argument_group("judge")
@@ -126,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 # =====================================================================================================
 def load_benchmark(name: str, args) -> list[dict]:
     """-> [{id, prompt, label}]. Hub benchmarks by name, or a local .csv/.jsonl file."""
-    if name in BENCHMARKS:
+    if name in BENCHMARKS and "artifact" in BENCHMARKS[name]:
+        items = load_jbb_artifact(name, BENCHMARKS[name]["artifact"], args)
+    elif name in BENCHMARKS:
         spec = BENCHMARKS[name]
         from datasets import load_dataset
         try:
@@ -149,6 +168,40 @@ def load_benchmark(name: str, args) -> list[dict]:
     if not items:
         raise UserError(f"--bench {name}: no prompts")
     return items[:args.limit] if args.limit else items
+
+
+def load_jbb_artifact(name: str, artifact: str, args) -> list[dict]:
+    """One jailbreak prompt per JBB behaviour from JailbreakBench's artifact JSON ({"jailbreaks": [{index,
+    goal, behavior, prompt, ...}]}). Behaviours for which the attack found no prompt (PAIR has some) are
+    counted in args.no_prompt and the report, never filled in."""
+    method, model = artifact.split("/")[0], args.jbb_artifact_model
+    src = args.jbb_artifacts
+    if src is None or src.startswith(("http://", "https://")):
+        where = f"{(src or JBB_ARTIFACTS).rstrip('/')}/{artifact}/{model}.json"
+        import urllib.request
+        try:
+            data = json.loads(urllib.request.urlopen(where, timeout=60).read())
+        except Exception as e:
+            raise UserError(f"--bench {name}: cannot fetch {where} ({type(e).__name__}: {str(e)[:150]}). Offline, "
+                            "pass a local copy with --jbb-artifacts FOLDER") from None
+    else:
+        candidates = [Path(src) / f"{method}_{model}.json", Path(src) / artifact / f"{model}.json"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise UserError(f"--bench {name}: neither {candidates[0]} nor {candidates[1]} exists "
+                            f"(--jbb-artifacts {src}, --jbb-artifact-model {model})")
+        where = str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    jailbreaks = data.get("jailbreaks") if isinstance(data, dict) else None
+    if not isinstance(jailbreaks, list) or not all(isinstance(j, dict) and "index" in j for j in jailbreaks):
+        raise UserError(f"{where}: not a JailbreakBench artifact (expected a 'jailbreaks' list of objects with an index)")
+    items = [dict(id=int(j["index"]), prompt=j["prompt"], label="harmful", behavior=j.get("behavior"))
+             for j in jailbreaks if isinstance(j.get("prompt"), str) and j["prompt"].strip()]
+    args.no_prompt[name] = len(jailbreaks) - len(items)
+    return items
 
 
 def load_local_file(name: str, args) -> list[dict]:
@@ -274,6 +327,8 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     """Generate for every item not yet in `path`, longest prompts first (batches of similar length),
     appending each answer at once."""
     done = read_records(path)
+    if any(r.get("defense", "none") != args.defense for r in done):
+        raise UserError(f"{path}: its answers were generated with another --defense; use another --out")
     with open(path, "w", encoding="utf-8") as f:  # rewrite without a torn last line, then append
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done)
     seen = {r["id"] for r in done}
@@ -288,14 +343,20 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
         for k in range(0, len(todo), args.batch_size):
             batch = todo[k:k + args.batch_size]
             max_new = args.math_max_new_tokens if batch[0]["label"] in CAPABILITY else args.max_new_tokens
-            outs = at.generate_batch(model, tok, [encoded[it["id"]] for it in batch], max_new,
+            batch_prompts, extra = [prompts[it["id"]] for it in batch], [{} for _ in batch]
+            ids = [encoded[it["id"]] for it in batch]
+            if args.defense == "ia":  # stage 1 asks for the intention; the prompts below then ask for the answer
+                batch_prompts, extra = intention_analysis(model, tok, batch, max_new, args)
+                ids = [at.encode_prompt(tok, p) for p in batch_prompts]
+            outs = at.generate_batch(model, tok, ids, max_new,
                                      do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
-            for it, (text, n_tokens, finished) in zip(batch, outs):
-                reasoning, answer, closed = split_output(text, at.template_opens_think(prompts[it["id"]]))
+            for it, prompt, ex, (text, n_tokens, finished) in zip(batch, batch_prompts, extra, outs):
+                reasoning, answer, closed = split_output(text, at.template_opens_think(prompt))
                 rec = dict(**it, output=text, reasoning=reasoning, answer=answer, think_closed=closed,
                            finished=finished, new_tokens=n_tokens,
                            reasoning_tokens=len(tok(reasoning, add_special_tokens=False).input_ids),
-                           answer_tokens=len(tok(answer, add_special_tokens=False).input_ids), judges={})
+                           answer_tokens=len(tok(answer, add_special_tokens=False).input_ids), judges={},
+                           defense=args.defense, **ex)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 done.append(rec)
             f.flush()
@@ -309,6 +370,26 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
               f"(batch size {args.batch_size})")
     order = {it["id"]: k for k, it in enumerate(items)}
     return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def intention_analysis(model, tok, batch: list[dict], max_new: int, args) -> tuple[list[str], list[dict]]:
+    """Intention analysis (IA; Zhang et al. 2024), stage 1: ask each query's essential intention. Returns
+    the stage-2 prompts - the same conversation, the intention as the assistant's earlier turn (its final
+    answer only), then the request to answer - and the stage-1 outputs, kept in each record."""
+    ask = (at.PROMPTS / "ia_intention.txt").read_text(encoding="utf-8").strip()
+    then = (at.PROMPTS / "ia_answer.txt").read_text(encoding="utf-8").strip()
+    questions = [ask.format(query=it["prompt"]) for it in batch]
+    first = [at.render_prompt(tok, q, args.system_prompt) for q in questions]
+    outs = at.generate_batch(model, tok, [at.encode_prompt(tok, p) for p in first], max_new,
+                             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    second, extra = [], []
+    for q, p, (text, n_tokens, _) in zip(questions, first, outs):
+        _, intention, closed = split_output(text, at.template_opens_think(p))
+        intention = intention if closed and intention else text.strip()
+        second.append(at.render_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": intention},
+                                           {"role": "user", "content": then}], args.system_prompt))
+        extra.append(dict(intention=intention, intention_tokens=n_tokens))
+    return second, extra
 
 
 # =====================================================================================================
@@ -673,8 +754,13 @@ def markdown_table(results: dict) -> str:
     rows.append(f"| **Over-refusal** | | refusal_rate | {fmt(s['over_refusal'])} |" + " |" * 9)
     if s.get("reasoning_avg") is not None:
         rows.append(f"| **Reasoning Avg** | | accuracy | {fmt(s['reasoning_avg'])} |" + " |" * 9)
-    note = f"\njudge: {results['judge']}" + (" (HEURISTIC: refusal-phrase matching, not a safety judge; "
-                                           "harmful = no refusal phrase)" if results["heuristic"] else "")
+    note = "".join(f"\n{name}: {b['no_prompt']} behaviours have no jailbreak prompt in the artifact (left out)"
+                   for name, b in results["benchmarks"].items() if b.get("no_prompt"))
+    note += "".join(f"\n{k} over: {', '.join(v)}" for k, v in s.get("sets", {}).items() if v)
+    if results.get("defense", "none") != "none":
+        note += f"\ndefense: {results['defense']}"
+    note += f"\njudge: {results['judge']}" + (" (HEURISTIC: refusal-phrase matching, not a safety judge; "
+                                            "harmful = no refusal phrase)" if results["heuristic"] else "")
     return "\n".join(rows) + note
 
 
@@ -716,6 +802,7 @@ def run(args):
     if bool(args.ckpt) == bool(args.model):
         raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model)")
     benches = {}  # loaded first: a bad name fails before any model is loaded
+    args.no_prompt = {}  # jailbreak artifact sets: behaviours the attack found no prompt for
     for b in args.bench:
         items = load_benchmark(b, args)
         labels = list(dict.fromkeys(it["label"] for it in items))  # in order of appearance
@@ -733,7 +820,7 @@ def run(args):
     safety = [n for n in records if benches[n][0]["label"] in SAFETY]
     judge = load_judge(args) if args.judge != "keywords" and safety else None
     key = judge_key(args)
-    results = dict(**info, judge=key, heuristic=args.judge == "keywords",
+    results = dict(**info, judge=key, heuristic=args.judge == "keywords", defense=args.defense,
                    generation=dict(max_new_tokens=args.max_new_tokens, math_max_new_tokens=args.math_max_new_tokens,
                                    sample=args.sample,
                                    temperature=args.temperature if args.sample else None,
@@ -744,14 +831,18 @@ def run(args):
         if name in safety:
             judge_records(recs, out / f"{name}.jsonl", args, judge)
             results["benchmarks"][name] = summarise(recs, key, benches[name][0]["label"], args.bootstrap, args.seed)
+            if name in args.no_prompt:
+                results["benchmarks"][name]["no_prompt"] = args.no_prompt[name]
         else:
             score_records(recs)
             at.write_jsonl(out / f"{name}.jsonl", recs)
             results["benchmarks"][name] = summarise_capability(recs, args.bootstrap, args.seed)
-    rates = lambda lab: [b["rate"] for b in results["benchmarks"].values()
-                         if b["label"] == lab and b["rate"] is not None]
+    over = lambda *labs: [n for n, b in results["benchmarks"].items() if b["label"] in labs and b["rate"] is not None]
+    rates = lambda *labs: [results["benchmarks"][n]["rate"] for n in over(*labs)]
     results["summary"] = dict(harmful_avg=mean(rates("harmful")), over_refusal=mean(rates("benign")),
-                              reasoning_avg=mean(rates("math") + rates("mc")))
+                              reasoning_avg=mean(rates("math", "mc")),
+                              sets=dict(harmful_avg=over("harmful"), over_refusal=over("benign"),
+                                        reasoning_avg=over("math", "mc")))
     at.atomic_write(out / "results.json", json.dumps(results, indent=2))
     table = markdown_table(results)
     at.atomic_write(out / "results.md", table + "\n")
