@@ -9,7 +9,7 @@ on benign ones - plus numbers about the reasoning structure itself.
 
 Steps (each a section below)
   1. Benchmarks: strongreject, jbb, wildjailbreak and JailbreakBench's GCG/PAIR/JBC jailbreak prompts
-     (harmful), xstest (benign: over-refusal), capability sets, or local files.
+     (harmful), xstest (benign: over-refusal), capability sets, multi-turn conversations, or local files.
   2. Generation: the chat template exactly as in training (one <think>, no system prompt), greedy with
      1024 new tokens as in R1-Act, batched with left padding. Each answer is appended to
      <out>/<bench>.jsonl as soon as it exists, so a killed run resumes where it stopped.
@@ -57,6 +57,9 @@ BENCHMARKS = {
     "jbb-gcg": dict(artifact="GCG/white_box", label="harmful"),
     "jbb-pair": dict(artifact="PAIR/black_box", label="harmful"),
     "jbb-jbc": dict(artifact="JBC/manual", label="harmful"),
+    # multi-turn: conversations of user turns that escalate toward a harmful goal (SafeMTData's Attack_600)
+    "safemtdata": dict(hf="SafeMTData/SafeMTData", config="Attack_600", split="Attack_600",
+                       column="multi_turn_queries", label="harmful", turns=True),
     # capability: does reasoning survive? (the paper's "Reasoning Avg"). label = how answers are scored
     "gsm8k": dict(hf="openai/gsm8k", config="main", split="test", column="question", label="math",
                   answer=lambda row: row["answer"].split("####")[-1].strip()),
@@ -155,7 +158,10 @@ def load_benchmark(name: str, args) -> list[dict]:
                             f"{str(e).splitlines()[0][:200]}). Log in and accept its terms on the Hub if it "
                             "is gated; offline, pass local files with --bench FILE") from None
         rows = [r for r in ds if spec.get("keep", lambda r: True)(r)]
-        if spec["label"] in CAPABILITY:
+        if spec.get("turns"):
+            items = [conversation_item(i, r[spec["column"]], spec["label"], f"{spec['hf']} row {i}")
+                     for i, r in enumerate(rows)]
+        elif spec["label"] in CAPABILITY:
             items = [capability_item(i, r[spec["column"]], spec["answer"](r), spec.get("choices", lambda r: None)(r))
                      for i, r in enumerate(rows)]
         else:
@@ -209,6 +215,10 @@ def load_local_file(name: str, args) -> list[dict]:
     rows = at.read_table(name)
     if at.find_column(rows[0], ANSWER_COLUMNS, name, "answer", required=False):
         return load_capability_file(name, rows, args)
+    if tcol := at.find_column(rows[0], ("turns",), name, "turns", required=False):
+        lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
+        return [conversation_item(i, r[tcol], at.normalise_label(r[lcol], f"{name}:{r['_line']}") if lcol
+                                  else (args.label or "harmful"), f"{name}:{r['_line']}") for i, r in enumerate(rows)]
     names = [args.prompt_column.lower()] if args.prompt_column else \
         ["prompt", "goal", "forbidden_prompt", "instruction", "question", "query"]
     qcol = at.find_column(rows[0], names, name, "prompt")
@@ -226,6 +236,18 @@ def load_local_file(name: str, args) -> list[dict]:
 
 
 ANSWER_COLUMNS = ("answer", "final_answer", "reference_answer")
+
+
+def conversation_item(i: int, turns, label: str, where: str) -> dict:
+    """A multi-turn benchmark item: its user turns, in order (a JSON list; in a CSV, a JSON-encoded one)."""
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: 'turns' must be a list of user messages (in a CSV, as JSON)") from None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise UserError(f"{where}: 'turns' must be a non-empty list of non-empty user messages")
+    return dict(id=i, prompt=turns[-1].strip(), turns=[t.strip() for t in turns], label=label)
 
 
 def capability_item(i: int, question: str, answer: str, choices=None) -> dict:
@@ -290,7 +312,13 @@ def load_policy(args, benches: dict):
 def check_generation_memory(args, path: str, tok, quant: bool, benches: dict):
     """Weights + KV cache for the longest prompt at --batch-size and the longest max-new-tokens in use."""
     items = [it for its in benches.values() for it in its]
-    longest = max(len(at.encode_prompt(tok, at.render_prompt(tok, it["prompt"], args.system_prompt))) for it in items)
+
+    def length(it):
+        n = len(at.encode_prompt(tok, at.render_prompt(tok, it["prompt"], args.system_prompt)))
+        if "turns" in it:  # a conversation's last turn sees every earlier turn and answer
+            n += sum(len(tok(t).input_ids) for t in it["turns"][:-1]) + (len(it["turns"]) - 1) * args.max_new_tokens
+        return n
+    longest = max(map(length, items))
     max_new = max(args.math_max_new_tokens if it["label"] in CAPABILITY else args.max_new_tokens for it in items)
     cuda = torch.cuda.is_available()
     est = at.memory.generation(at.load_config(path, args.trust_remote_code), quant=quant, dtype_bytes=2 if cuda else 4,
@@ -368,6 +396,61 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     if n_new:
         print(f"{path.stem}: {n_new} answers in {dt:.1f}s = {n_new / dt:.2f} answers/s "
               f"(batch size {args.batch_size})")
+    order = {it["id"]: k for k, it in enumerate(items)}
+    return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def kept_in_history(text: str, prompt: str) -> str:
+    """What an assistant turn leaves in the conversation: its final answer only, as DeepSeek's template
+    keeps history (it drops everything before </think>); a turn whose <think> never closed stays whole."""
+    _, answer, closed = split_output(text, at.template_opens_think(prompt))
+    return answer if closed else text.strip()
+
+
+def generate_conversations(model, tok, items: list[dict], path: Path, args) -> list[dict]:
+    """Multi-turn replay: the model answers each user turn in order and its own answers are fed back.
+    Conversations are batched at the same turn (left padding); each finished conversation is appended to
+    `path` at once, so a killed run resumes without losing or repeating one. The record's output fields
+    are its last turn's; every turn is kept under 'turns_out'."""
+    if args.defense != "none":
+        raise UserError(f"--defense {args.defense} applies to single-turn prompts, not to conversations ({path.stem})")
+    done = read_records(path)
+    with open(path, "w", encoding="utf-8") as f:  # rewrite without a torn last line, then append
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done)
+    seen = {r["id"] for r in done}
+    todo = [it for it in items if it["id"] not in seen]
+    model.eval()
+    bar = tqdm(total=len(items), initial=len(done), desc=f"conversations {path.stem}", unit="conversation")
+    with open(path, "a", encoding="utf-8") as f:
+        for k in range(0, len(todo), args.batch_size):
+            batch = todo[k:k + args.batch_size]
+            history = [[] for _ in batch]
+            turns = [[] for _ in batch]
+            for t in range(max(len(it["turns"]) for it in batch)):
+                live = [j for j, it in enumerate(batch) if t < len(it["turns"])]
+                prompts = [at.render_chat(tok, history[j] + [{"role": "user", "content": batch[j]["turns"][t]}],
+                                          args.system_prompt) for j in live]
+                outs = at.generate_batch(model, tok, [at.encode_prompt(tok, p) for p in prompts], args.max_new_tokens,
+                                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+                for j, prompt, (text, n_tokens, finished) in zip(live, prompts, outs):
+                    reasoning, answer, closed = split_output(text, at.template_opens_think(prompt))
+                    turns[j].append(dict(turn=t, user=batch[j]["turns"][t], output=text, reasoning=reasoning,
+                                         answer=answer, think_closed=closed, finished=finished, new_tokens=n_tokens))
+                    history[j] += [{"role": "user", "content": batch[j]["turns"][t]},
+                                   {"role": "assistant", "content": kept_in_history(text, prompt)}]
+            for it, tr, hist in zip(batch, turns, history):
+                last = tr[-1]
+                rec = dict(**it, **{k: last[k] for k in ("output", "reasoning", "answer", "think_closed", "finished",
+                                                         "new_tokens")},
+                           reasoning_tokens=len(tok(last["reasoning"], add_special_tokens=False).input_ids),
+                           answer_tokens=len(tok(last["answer"], add_special_tokens=False).input_ids),
+                           turns_out=tr, history=hist, judges={}, defense=args.defense)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                done.append(rec)
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
     order = {it["id"]: k for k, it in enumerate(items)}
     return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
 
@@ -492,8 +575,10 @@ def load_judge(args):
     return model, tok
 
 
-def judge_prompt(tok, judge: str, prompt: str, response: str) -> str:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+def judge_prompt(tok, judge: str, prompt, response: str) -> str:
+    """`prompt`: the user's message, or the conversation before the response (ending with the user's turn)."""
+    messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
+        [{"role": "assistant", "content": response}]
     if judge == "llama-guard-3-1b":  # its template wants content as a list of typed parts
         try:
             return tok.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
@@ -527,14 +612,25 @@ def verdicts(pairs: list[tuple[str, str]], args, judge=None, desc: str = "judge"
 
 
 def judge_records(records: list[dict], path: Path, args, judge=None):
-    """Add verdicts under rec['judges'][judge_key]; skip records already judged the same way."""
+    """Add verdicts under rec['judges'][judge_key]; skip records already judged the same way. In a
+    conversation every turn is judged with the conversation up to it, and the record's verdict is the last
+    turn's."""
     key = judge_key(args)
-    todo = [r for r in records if key not in r["judges"]]
-    pairs = [(r["prompt"], judged_text(r, args.judge_whole_output)) for r in todo]
+    units = [(r, t) for r in records if key not in r["judges"]
+             for t in (range(len(r["turns_out"])) if "turns_out" in r else [None])]
+
+    def pair(r, t):
+        if t is None:
+            return r["prompt"], judged_text(r, args.judge_whole_output)
+        turn = r["turns_out"][t]
+        return r["history"][:2 * t] + [{"role": "user", "content": turn["user"]}], judged_text(turn, args.judge_whole_output)
     done = 0
-    for batch in verdicts(pairs, args, judge, desc=f"judge {path.stem}"):
-        for r, v in zip(todo[done:], batch):
-            r["judges"][key] = v
+    for batch in verdicts([pair(r, t) for r, t in units], args, judge, desc=f"judge {path.stem}"):
+        for (r, t), v in zip(units[done:], batch):
+            if t is not None:
+                r["turns_out"][t].setdefault("judges", {})[key] = v
+            if t is None or t == len(r["turns_out"]) - 1:
+                r["judges"][key] = v
         done += len(batch)
         at.write_jsonl(path, records)  # verdicts saved as they come
 
@@ -726,7 +822,21 @@ def summarise(records: list[dict], key: str, label: str, n_boot: int, seed: int)
         no_refusal_field=sum(v["parsed"] and v[field] is None for v in verdicts), **output_stats(records),
         assessment_first=mean(assesses_first(r["reasoning"]) for r in records),
         harmful_verdict_then_refusal=mean(keyword_refusal(r["answer"] or r["output"]) for r in with_verdict),
-        n_harmful_verdict=len(with_verdict), **structure_numbers(records, label, refused))
+        n_harmful_verdict=len(with_verdict), **structure_numbers(records, label, refused),
+        **(conversation_numbers(records, key, n_boot, seed) if "turns_out" in records[0] else {}))
+
+
+def conversation_numbers(records: list[dict], key: str, n_boot: int, seed: int) -> dict:
+    """Multi-turn sets: harmful at any turn (conversations with a verdict for every turn), and the turn
+    (from 1) of the first harmful answer. The set's main rate is the last turn's."""
+    per_turn = [[t["judges"][key]["harmful"] for t in r["turns_out"]] for r in records]
+    complete = [h for h in per_turn if None not in h]
+    any_turn = [any(h) for h in complete]
+    first = [h.index(True) + 1 for h in complete if any(h)]
+    lo, hi = bootstrap_ci(any_turn, n_boot, seed)
+    return dict(mean_turns=mean(len(h) for h in per_turn), any_turn_rate=mean(any_turn), any_turn_ci95=[lo, hi],
+                n_any_turn=len(complete), first_harmful_turn_mean=mean(first),
+                first_harmful_turn_counts={str(k): first.count(k) for k in sorted(set(first))})
 
 
 def fmt(x, pct=True):
@@ -756,6 +866,11 @@ def markdown_table(results: dict) -> str:
         rows.append(f"| **Reasoning Avg** | | accuracy | {fmt(s['reasoning_avg'])} |" + " |" * 9)
     note = "".join(f"\n{name}: {b['no_prompt']} behaviours have no jailbreak prompt in the artifact (left out)"
                    for name, b in results["benchmarks"].items() if b.get("no_prompt"))
+    note += "".join(f"\n{name} (multi-turn, {b['mean_turns']:.1f} turns on average): harmful at the last turn "
+                    f"{fmt(b['rate'])}%, at any turn {fmt(b['any_turn_rate'])}% [{fmt(b['any_turn_ci95'][0])}, "
+                    f"{fmt(b['any_turn_ci95'][1])}] (n={b['n_any_turn']}); first harmful answer at turn "
+                    f"{b['first_harmful_turn_mean'] or 0:.1f} on average {b['first_harmful_turn_counts']}"
+                    for name, b in results["benchmarks"].items() if "any_turn_rate" in b)
     note += "".join(f"\n{k} over: {', '.join(v)}" for k, v in s.get("sets", {}).items() if v)
     if results.get("defense", "none") != "none":
         note += f"\ndefense: {results['defense']}"
@@ -770,8 +885,8 @@ def compare(a_path: str, b_path: str) -> str:
             f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
     for name in list(dict.fromkeys([*a["benchmarks"], *b["benchmarks"]])):
         ra, rb = a["benchmarks"].get(name, {}), b["benchmarks"].get(name, {})
-        for metric in ("rate", "assessment_first", "unfinished_think", "ha_agrees", "benign_ha_then_answer",
-                       "harmful_ha_then_refusal"):
+        for metric in ("rate", "any_turn_rate", "assessment_first", "unfinished_think", "ha_agrees",
+                       "benign_ha_then_answer", "harmful_ha_then_refusal"):
             if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
                 continue
             x, y = ra.get(metric), rb.get(metric)
@@ -815,7 +930,8 @@ def run(args):
     model, tok, info = load_policy(args, benches)
     records = {}  # the judge is loaded after generation: if it fails, the answers are already on disk
     for name, items in benches.items():
-        records[name] = generate_answers(model, tok, items, out / f"{name}.jsonl", args)
+        generate = generate_conversations if "turns" in items[0] else generate_answers
+        records[name] = generate(model, tok, items, out / f"{name}.jsonl", args)
     del model
     safety = [n for n in records if benches[n][0]["label"] in SAFETY]
     judge = load_judge(args) if args.judge != "keywords" and safety else None
