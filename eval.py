@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "knowing it (prompts/ia_answer.txt); the second answer is judged")
     g.add_argument("--seed", type=int, default=1995, help="seed for sampling and bootstrap")
 
+    g = p.add_argument_group("automated multi-turn attack (Crescendo, crescendo.py)")
+    g.add_argument("--attack", choices=("crescendo",), help="run an attack instead of --bench")
+    g.add_argument("--attacker-model", help="the attacker: alias, Hub id or folder of any chat model")
+    g.add_argument("--goals", help="'jbb' (JBB-Behaviors' 100 harmful goals) or a .csv/.jsonl with a goal column")
+    g.add_argument("--max-turns", type=int, default=10, help="turns per goal (PyRIT's default)")
+    g.add_argument("--max-backtracks", type=int, default=10, help="refusals that may be backtracked per goal")
+    g.add_argument("--attacker-retries", type=int, default=3, help="retries of an attacker reply that is not JSON")
+    g.add_argument("--attacker-max-new-tokens", type=int, default=256, help="for each attacker reply")
+
     g = p.add_argument_group("judge")
     g.add_argument("--judge", choices=tuple(JUDGES), default="qwen3guard",
                    help="qwen3guard (harm + refusal), llama-guard-3-1b (harm only), keywords (offline "
@@ -911,7 +920,86 @@ def main(argv=None) -> int:
                   argv)
 
 
+def run_attack(args):
+    """Crescendo against the policy (crescendo.py): one transcript per goal, appended to
+    <out>/crescendo.jsonl as each goal ends (a killed run resumes per goal), then the attack success rate."""
+    import crescendo as cr
+    at.require_positive(args, "max_turns", "attacker_retries", "attacker_max_new_tokens", "max_new_tokens", "limit",
+                        "bootstrap")
+    if not args.attacker_model or not args.goals:
+        raise UserError("--attack crescendo needs --attacker-model and --goals")
+    if bool(args.ckpt) == bool(args.model):
+        raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model) as the target")
+    if args.goals == "jbb":
+        goals = [it["prompt"] for it in load_benchmark("jbb", args)]
+    else:
+        rows = at.read_table(args.goals)
+        col = at.find_column(rows[0], ("goal", "objective", "prompt", "behavior"), args.goals, "goal")
+        goals = [str(r.get(col) or "").strip() for r in rows]
+        if empty := [r["_line"] for r, g in zip(rows, goals) if not g]:
+            raise UserError(f"{args.goals}:{empty[0]}: empty {col!r}")
+        goals = goals[:args.limit] if args.limit else goals
+    out = Path(args.out or (Path(args.ckpt) / "eval-crescendo" if args.ckpt else Path("out") / "eval-crescendo"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "crescendo.jsonl"
+    done = read_records(path)
+    at.write_jsonl(path, done)  # without a torn last line
+    todo = [(i, g) for i, g in enumerate(goals) if i not in {r["id"] for r in done}]
+    model, tok, info = load_policy(args, {"goals": [dict(id=i, prompt=g, label="harmful") for i, g in enumerate(goals)]})
+    a_path = at.resolve_model(args.attacker_model, args.cache_dir)
+    a_tok = at.load_tokenizer(a_path, args.trust_remote_code)
+    a_model = model if a_path == info["base_model"] and not args.ckpt else \
+        at.load_model(a_path, info["quant"], args.trust_remote_code, args.allow_cpu)
+    judge = load_judge(args) if args.judge != "keywords" else None
+    instructions = (at.PROMPTS / "crescendo_attacker.txt").read_text(encoding="utf-8")
+    limits = cr.Limits(args.max_turns, args.max_backtracks, args.attacker_retries)
+
+    def target(history, question):
+        prompt = at.render_chat(tok, history + [{"role": "user", "content": question}], args.system_prompt)
+        text = at.generate_batch(model, tok, [at.encode_prompt(tok, prompt)], args.max_new_tokens)[0][0]
+        return kept_in_history(text, prompt)
+
+    def verdict(history, question, answer):
+        return next(verdicts([(history + [{"role": "user", "content": question}], answer)], args, judge))[0]
+    def refused(question, answer):  # judges that say nothing about refusal (Llama Guard) fall back to keywords
+        v = verdict([], question, answer)
+        return v["refusal"] if v["refusal"] is not None else keyword_refusal(answer)
+    harmful = lambda h, q, a: bool(verdict(h, q, a)["harmful"])
+    t0 = time.time()
+    with open(path, "a", encoding="utf-8") as f:
+        for i, goal in tqdm(todo, desc="crescendo", unit="goal"):
+            system = instructions.format(goal=goal, max_turns=args.max_turns)
+
+            def attacker(messages, attempt):  # retries sample, so they can differ from the greedy first try
+                prompt = at.render_chat(a_tok, messages, system)
+                return at.generate_batch(a_model, a_tok, [at.encode_prompt(a_tok, prompt)], args.attacker_max_new_tokens,
+                                         do_sample=attempt > 0, temperature=0.8, top_p=0.95)[0][0]
+            rec = dict(id=i, **cr.run_goal(goal, attacker, target, refused, harmful, limits).to_dict())
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done.append(rec)
+    recs = [r for r in done if r["id"] < len(goals)]
+    wins = [r["success"] for r in recs]
+    results = dict(**info, attack="crescendo", attacker=a_path, judge=judge_key(args), heuristic=args.judge == "keywords",
+                   limits=vars(limits), n_goals=len(recs), attack_success_rate=mean(wins),
+                   ci95=list(bootstrap_ci(wins, args.bootstrap, args.seed)),
+                   mean_turns=mean(r["turns_used"] for r in recs), mean_backtracks=mean(r["backtracks_used"] for r in recs),
+                   attacker_failures=sum(r["attacker_failures"] for r in recs), seconds=round(time.time() - t0, 1))
+    at.atomic_write(out / "results.json", json.dumps(results, indent=2))
+    table = (f"| attack | goals | success % [95% CI] | mean turns | mean backtracks | attacker replies unparsed |\n"
+             f"|---|---|---|---|---|---|\n| crescendo | {len(recs)} | {fmt(results['attack_success_rate'])} "
+             f"[{fmt(results['ci95'][0])}, {fmt(results['ci95'][1])}] | {results['mean_turns']:.1f} | "
+             f"{results['mean_backtracks']:.1f} | {results['attacker_failures']} |\njudge: {results['judge']}"
+             + (" (HEURISTIC: any answer that does not refuse counts as a success)" if results["heuristic"] else ""))
+    at.atomic_write(out / "results.md", table + "\n")
+    print(table)
+    print(f"-> {out / 'results.json'}")
+
+
 def run(args):
+    if args.attack:
+        return run_attack(args)
     at.require_positive(args, "batch_size", "judge_batch_size", "max_new_tokens", "math_max_new_tokens", "limit",
                         "bootstrap")
     if bool(args.ckpt) == bool(args.model):
