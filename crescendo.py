@@ -37,12 +37,14 @@ class Transcript:
     backtracked: list = field(default_factory=list)  # refused exchanges removed from the target's history
     success: bool = False
     attacker_failures: int = 0                      # replies that never parsed (the goal ended there)
+    unparsed_replies: list = field(default_factory=list)  # what the attacker wrote instead of JSON (first 300 chars)
     stopped: str = ""
 
     def to_dict(self) -> dict:
         return dict(goal=self.goal, success=self.success, turns_used=len(self.turns),
                     backtracks_used=len(self.backtracked), attacker_failures=self.attacker_failures,
-                    stopped=self.stopped, turns=self.turns, backtracked=self.backtracked)
+                    stopped=self.stopped, turns=self.turns, backtracked=self.backtracked,
+                    unparsed_replies=self.unparsed_replies)
 
 
 def parse_question(text: str) -> str | None:
@@ -92,6 +94,7 @@ def run_goal(goal: str, attacker, target, refused, harmful, limits: Limits) -> T
             reply = attacker(attacker_msgs, attempt)
             if (question := parse_question(reply)) is not None:
                 break
+            tr.unparsed_replies.append(reply[:300])
         if question is None:
             tr.attacker_failures += 1
             tr.stopped = "attacker reply did not parse"

@@ -252,6 +252,7 @@ def test_crescendo_attacker_that_never_answers_in_json():
                      limits=cr.Limits(max_turns=3, attacker_retries=2))
     assert attempts == [0, 1, 2] and not targets
     assert tr.attacker_failures == 1 and tr.stopped == "attacker reply did not parse" and not tr.success
+    assert tr.to_dict()["unparsed_replies"] == ["I refuse to play."] * 3   # kept, to see what went wrong
     # a retry that parses goes on
     replies = iter(["junk", json.dumps({"question": "Q"})] * 3)
     tr = cr.run_goal("goal", lambda m, a: next(replies), lambda h, q: "fine", refused=lambda q, a: False,
