@@ -22,8 +22,12 @@ Features
   * QLoRA SFT in a plain PyTorch loop (no Trainer): 4-bit NF4 base with double quantisation, LoRA on all
     linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing and accumulation,
     length-grouped batches, loss only on the response (EOS included) normalised per supervised token.
+  * A data file may carry each query's own assessment sentence (an `ha` column), used as HA when it agrees
+    with the label - as the paper's GPT-4o sentences were written ahead of training.
   * Checkpoints (adapter, optimiser, schedule position, RNG) every --save-every steps; --resume continues
     a killed run and ends with the same adapter as an uninterrupted one.
+  * The memory a run needs is estimated from the model's config and checked before anything is loaded
+    (memory.py): a run that cannot fit is refused in seconds, with a suggestion.
 
 Tradeoffs
   * The defaults are R1-Act's recipe (r=16, alpha=16, lr 1e-5, 15 epochs, batch 8). They are slow to move

@@ -17,7 +17,11 @@ Steps (each a section below)
      beside each answer, so another judge needs no new generation. `--judge keywords` is an offline
      refusal-phrase matcher: a heuristic, and every report says so.
   4. Report: rates with 95% bootstrap intervals, reasoning/answer lengths, unfinished <think> share, and
-     structure numbers; a markdown table and <out>/results.json.
+     structure numbers (does HA agree with the label, does CR follow HA); a markdown table and
+     <out>/results.json.
+  Also: multi-turn conversations (files with a `turns` list, SafeMTData), Crescendo (--attack crescendo,
+  crescendo.py) and the intention-analysis defense (--defense ia). How far to trust a judge:
+  judge_agreement.py measures it against human labels.
 
 Tradeoffs: greedy decoding is reproducible but R1 models loop more often under it (DeepSeek advises
 temperature 0.6, top-p 0.95: --sample). A 0.6B judge is cheap and good, not perfect; the paper's
