@@ -808,21 +808,24 @@ def check_memory(args, what: str, est: dict, suggestion: str, already_loaded: in
                         f"{device()}: {suggestion} (or --skip-memory-check to try anyway)")
 
 
-def training_estimate(args, config, quant: bool, data: list[dict], micro: int) -> dict:
-    """The estimate for the widest micro-batch this data can form: its longest example, and the `micro`
-    largest supervised counts together (an upper bound for any batching)."""
-    sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
+def training_estimate(args, config, quant: bool, width: int, supervised: list[int], micro: int) -> dict:
+    """The estimate for the widest micro-batch the data can form: its longest example (`width`), and the
+    `micro` largest supervised counts together (`supervised`, sorted largest first): an upper bound for
+    any batching."""
     return memory.training(config, quant=quant, dtype_bytes=2 if device() == "cuda" else 4, lora_r=args.lora_r,
                            lora_targets=args.lora_targets.split(","), lora_layers=args.lora_layers,
-                           optim=args.optim, micro_batch=micro, width=max(len(ex["input_ids"]) for ex in data),
-                           supervised=sum(sup[:micro]), grad_ckpt=not args.no_grad_ckpt, cuda=device() == "cuda")
+                           optim=args.optim, micro_batch=micro, width=width, supervised=sum(supervised[:micro]),
+                           grad_ckpt=not args.no_grad_ckpt, cuda=device() == "cuda")
 
 
 def check_training_memory(args, config, quant: bool, data: list[dict], already_loaded: int = 0):
     micro = args.micro_batch_size or args.batch_size
-    est = training_estimate(args, config, quant, data, micro)
-    fits = lambda m: training_estimate(args, config, quant, data, m)["total"] - already_loaded <= \
-        (memory.available(device() == "cuda") or float("inf"))
+    width = max(len(ex["input_ids"]) for ex in data)
+    sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)  # counted once
+    est = training_estimate(args, config, quant, width, sup, micro)
+    free = memory.available(device() == "cuda")
+    fits = lambda m: training_estimate(args, config, quant, width, sup, m)["total"] - already_loaded <= \
+        (free if free is not None else float("inf"))
     smaller = [m for m in range(micro - 1, 0, -1) if args.batch_size % m == 0 and fits(m)]
     if smaller:
         suggestion = f"try --micro-batch-size {smaller[0]} (the same training, by gradient accumulation)"
