@@ -364,16 +364,28 @@ def split_output(text: str, template_opened: bool) -> tuple[str, str, bool]:
     return (body.strip(), "", False) if opened else ("", body.strip(), True)
 
 
-def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[dict]:
-    """Generate for every item not yet in `path`, longest prompts first (batches of similar length),
-    appending each answer at once."""
+def resume(path: Path, items: list[dict], args) -> tuple[list[dict], list[dict]]:
+    """(records already in `path`, items still to do). The file is rewritten without a torn last line, so
+    new records can be appended; records of another --defense are refused, never mixed in."""
     done = read_records(path)
     if any(r.get("defense", "none") != args.defense for r in done):
         raise UserError(f"{path}: its answers were generated with another --defense; use another --out")
-    with open(path, "w", encoding="utf-8") as f:  # rewrite without a torn last line, then append
+    with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done)
     seen = {r["id"] for r in done}
-    todo = [it for it in items if it["id"] not in seen]
+    return done, [it for it in items if it["id"] not in seen]
+
+
+def in_item_order(records: list[dict], items: list[dict]) -> list[dict]:
+    """The records of these items, in the items' order (generation ran longest-first)."""
+    order = {it["id"]: k for k, it in enumerate(items)}
+    return sorted((r for r in records if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[dict]:
+    """Generate for every item not yet in `path`, longest prompts first (batches of similar length),
+    appending each answer at once."""
+    done, todo = resume(path, items, args)
     prompts = {it["id"]: at.render_prompt(tok, it["prompt"], args.system_prompt) for it in todo}
     encoded = {i: at.encode_prompt(tok, p) for i, p in prompts.items()}
     todo.sort(key=lambda it: -len(encoded[it["id"]]))
@@ -409,8 +421,7 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     if n_new:
         print(f"{path.stem}: {n_new} answers in {dt:.1f}s = {n_new / dt:.2f} answers/s "
               f"(batch size {args.batch_size})")
-    order = {it["id"]: k for k, it in enumerate(items)}
-    return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+    return in_item_order(done, items)
 
 
 def kept_in_history(text: str, prompt: str) -> str:
@@ -427,11 +438,7 @@ def generate_conversations(model, tok, items: list[dict], path: Path, args) -> l
     are its last turn's; every turn is kept under 'turns_out'."""
     if args.defense != "none":
         raise UserError(f"--defense {args.defense} applies to single-turn prompts, not to conversations ({path.stem})")
-    done = read_records(path)
-    with open(path, "w", encoding="utf-8") as f:  # rewrite without a torn last line, then append
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done)
-    seen = {r["id"] for r in done}
-    todo = [it for it in items if it["id"] not in seen]
+    done, todo = resume(path, items, args)
     model.eval()
     bar = tqdm(total=len(items), initial=len(done), desc=f"conversations {path.stem}", unit="conversation")
     with open(path, "a", encoding="utf-8") as f:
@@ -464,8 +471,7 @@ def generate_conversations(model, tok, items: list[dict], path: Path, args) -> l
             os.fsync(f.fileno())
             bar.update(len(batch))
     bar.close()
-    order = {it["id"]: k for k, it in enumerate(items)}
-    return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+    return in_item_order(done, items)
 
 
 def intention_analysis(model, tok, batch: list[dict], max_new: int, args) -> tuple[list[str], list[dict]]:
