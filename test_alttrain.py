@@ -93,6 +93,85 @@ def test_direct_refusal_baseline():
     assert "It is Paris" in ex["response"] and ex["ha"] == ""
 
 
+SAFE_HARMFUL_RESPONSE = ("<think>\nThe user asks how to make a bomb. That could kill people, and the policy forbids "
+                         "helping with weapons.\n</think>\n\nI can't help with making explosives.")
+
+
+def test_original_structure_keeps_the_reference_response():
+    """--structure original (SafeChain's baseline, plain safety SFT): the reference trace and answer as they
+    are, for harmful and benign queries alike - no HA, no refusal template."""
+    for label, response in (("harmful", SAFE_HARMFUL_RESPONSE), ("benign", BENIGN_RESPONSE)):
+        reasoning, answer = at.split_response(response)
+        ex = at.build_example("q?", label, reasoning, answer, "The HA.", "original")
+        assert ex["response"] == f"<think>\n{reasoning}\n</think>\n\n{answer}"
+        assert ex["ha"] == "" and "The HA." not in ex["response"]
+    assert "policy forbids" in at.build_example("q?", "harmful", *at.split_response(SAFE_HARMFUL_RESPONSE),
+                                               "", "original")["response"]
+
+
+def test_original_structure_needs_whole_references(tmp_path):
+    """A harmful row of data/train.jsonl keeps only its first sentence: 'original' has nothing to train on
+    there and says so, naming the row, before any model is loaded."""
+    args = at.parse_args(["--data", str(at.HERE / "data" / "train.jsonl"), "--structure", "original",
+                          "--ha-model", "template"])
+    queries = at.load_queries(args)
+    with pytest.raises(at.UserError, match=r"whole reference response.*train.jsonl:\d+"):
+        at.build_examples(args, queries)
+    benign = [q for q in queries if q["label"] == "benign"]
+    examples, stats = at.build_examples(args, benign)
+    assert all(e["structure"] == "original" and e["ha"] == "" for e in examples)
+    assert stats["ha_template"] == 0 and stats["ha_given"] == 0  # no HA is written for a structure without one
+
+
+def test_cr_refusals_file(tmp_path):
+    f = tmp_path / "refusals.txt"
+    f.write_text("# comment\nI will stop here, first wording.\nI will stop here, second wording.\n")
+    rows = [dict(prompt=f"How do I hurt person {i}?", label="harmful", response=HARMFUL_TRACE) for i in range(12)]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = at.parse_args(["--data", str(data), "--ha-model", "template", "--cr-refusals", str(f)])
+    examples, _ = at.build_examples(args, at.load_queries(args))
+    wordings = {e["cr"] for e in examples}
+    assert wordings == {"I will stop here, first wording.", "I will stop here, second wording."}
+    assert len(at.read_lines(at.PROMPTS / "cr_refusal_varied.txt")) >= 20  # the 'CR rephrased' ablation's file
+    for bad, msg in ((tmp_path / "none.txt", "no such file"), (tmp_path / "empty.txt", "no refusal lines")):
+        if "empty" in bad.name:
+            bad.write_text("# only a comment\n")
+        args = at.parse_args(["--data", str(data), "--ha-model", "template", "--cr-refusals", str(bad)])
+        with pytest.raises(at.UserError, match=msg):
+            at.build_examples(args, at.load_queries(args))
+
+
+def test_recipes_fill_only_unset_flags():
+    a = at.parse_args([])
+    assert (a.n_harmful, a.n_benign, a.structure) == (900, 100, "alt")
+    s = at.parse_args(["--data", "star1"])
+    assert (s.n_harmful, s.n_benign, s.structure) == (None, None, "original")  # STAR-1's 1K, as released
+    s = at.parse_args(["--data", "star1", "--n-harmful", "10", "--structure", "alt"])
+    assert (s.n_harmful, s.structure) == (10, "alt")
+    assert at.parse_args(["--data", "x.jsonl", "--n-benign", "all"]).n_benign is None
+
+
+def test_star1_from_a_local_file_of_its_schema(tmp_path, monkeypatch):
+    """--data star1 reads UCSC-VLAA/STAR-1 (question, response with <think>, category, source, score); here
+    the Hub is replaced by a local file of the same columns."""
+    rows = [dict(id=str(i), question=f"How can I hack account {i}?", response=SAFE_HARMFUL_RESPONSE,
+                 category="Privacy", source="test", score={"overall": 10}) for i in range(3)]
+    f = tmp_path / "star1.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from datasets import load_dataset
+    monkeypatch.setattr(at, "hub_dataset", lambda name, split, flag: load_dataset("json", data_files=str(f), split="train"))
+    args = at.parse_args(["--data", "star1"])
+    queries = at.select_queries(at.load_queries(args), args.n_harmful, args.n_benign, args.seed)
+    assert len(queries) == 3 and all(q["label"] == "harmful" for q in queries)
+    examples, _ = at.build_examples(args, queries)
+    reasoning, answer = at.split_response(SAFE_HARMFUL_RESPONSE)
+    assert all(e["response"] == f"<think>\n{reasoning}\n</think>\n\n{answer}" for e in examples)
+    monkeypatch.setattr(at, "hub_dataset", lambda *a: [dict(question="q", response="")])
+    with pytest.raises(at.UserError, match="row 0: empty or missing 'response'"):
+        at.load_queries(args)
+
+
 def test_templates_agree_with_their_label():
     for label in ("harmful", "benign"):
         for line in at.read_lines(at.PROMPTS / f"ha_{label}.txt"):
@@ -117,7 +196,7 @@ def test_build_with_llm_ha_and_self_traces(tiny_dir, tmp_path):
     """A random model writes nonsense: every assessment is rejected and replaced by a template (and
     counted); the query without a trace gets a self-trace."""
     tok, model = at.load_tokenizer(tiny_dir), at.load_model(tiny_dir, quant=False)
-    args = at.build_parser().parse_args(["--self-trace-tokens", "8", "--gen-batch-size", "2"])
+    args = at.parse_args(["--self-trace-tokens", "8", "--gen-batch-size", "2"])
     queries = [dict(query="How do I make a bomb?", label="harmful", response=HARMFUL_TRACE, source="a"),
                dict(query="What is two plus two?", label="benign", response=BENIGN_RESPONSE, source="b"),
                dict(query="Tell me about Paris.", label="benign", response=None, source="c")]
@@ -139,7 +218,7 @@ def test_assessments_from_the_data_are_used_when_they_agree(tmp_path):
             dict(prompt="How do I pick a lock?", label="harmful", response=HARMFUL_TRACE)]  # none given
     f = tmp_path / "q.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = at.build_parser().parse_args(["--data", str(f), "--ha-model", "template"])
+    args = at.parse_args(["--data", str(f), "--ha-model", "template"])
     queries = at.load_queries(args)
     examples, stats = at.build_examples(args, queries)
     assert (stats["ha_given"], stats["ha_rejected"], stats["ha_template"]) == (1, 1, 2)
@@ -439,7 +518,7 @@ def test_shipped_data_is_well_formed_and_split():
             assert reasoning and answer, r["prompt"]
         # every row carries its own assessment, which states a decision that agrees with its label
         assert at.ha_decision(r["ha"]) == r["label"] and at.first_sentence(r["ha"])[1] == "", r["prompt"]
-    args = at.build_parser().parse_args(["--data", str(at.HERE / "data" / "train.jsonl"), "--ha-model", "template"])
+    args = at.parse_args(["--data", str(at.HERE / "data" / "train.jsonl"), "--ha-model", "template"])
     _, stats = at.build_examples(args, at.load_queries(args))
     assert stats["ha_given"] == len(train) and stats["ha_rejected"] == 0
 
