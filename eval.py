@@ -694,7 +694,8 @@ def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
     return dict(label=label, metric=tasks.METRIC[label], n=len(records), n_judged=len(records),
                 rate=mean(values), ci95=[lo, hi], **extras, unparsed=sum(not r["score"]["parsed"] for r in records),
                 unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
-                **({"timeouts": sum(r["score"].get("status") == "timeout" for r in records)} if label == "code" else {}),
+                **({"no_code": sum(r["score"].get("status") == "no code" for r in records),
+                    "timeouts": sum(r["score"].get("status") == "timeout" for r in records)} if label == "code" else {}),
                 **output_stats(records), assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0,
                 ha_agrees=None, n_assessed=0, benign_ha_then_answer=None, n_benign_ha=0, harmful_ha_then_refusal=None,
                 n_harmful_ha=0)
@@ -838,6 +839,9 @@ def markdown_table(results: dict) -> str:
                     f"{fmt(b['any_turn_ci95'][1])}] (n={b['n_any_turn']}); first harmful answer at turn "
                     f"{b['first_harmful_turn_mean'] or 0:.1f} on average {b['first_harmful_turn_counts']}"
                     for name, b in results["benchmarks"].items() if "any_turn_rate" in b)
+    note += "".join(f"\n{name}: {b['no_code']} of {b['n']} answers had no code (counted as failed), "
+                    f"{b['timeouts']} programs ran past the time limit"
+                    for name, b in results["benchmarks"].items() if "no_code" in b)
     note += "".join(f"\n{k} over: {', '.join(v)}" for k, v in s.get("sets", {}).items() if v)
     if results.get("defense", "none") != "none":
         note += f"\ndefense: {results['defense']}"

@@ -97,7 +97,7 @@ def step(cmd: list[str], what: str, timings: dict, key: str):
     start = time.time()
     if subprocess.call([sys.executable, *cmd], cwd=HERE) != 0:
         raise at.UserError(f"{what} failed (its output is above); re-run to continue from here")
-    timings[key] = round(time.time() - start, 1)
+    timings[key] = round(timings.get(key, 0) + time.time() - start, 1)  # summed over calls (a resumed step)
 
 
 def run_variant(key: str, args, timings: dict) -> None:
@@ -206,7 +206,9 @@ def plot(rows: dict, path: Path, public: bool) -> bool:
     splits = ["heldout"] + (["public"] if public else [])
     fig, axes = plt.subplots(1, len(splits), figsize=(6.2 * len(splits), 5), squeeze=False)
     colours = {"main": "tab:blue", "ablation": "tab:orange", "scaling": "tab:green"}
+    offsets = [(5, 5), (5, -13), (-70, 6), (-70, -13)]  # labels of nearby points take turns, so they do not overlap
     for ax, split in zip(axes[0], splits):
+        k = 0
         for table, keys in TABLES.items():
             for key in keys:
                 if table != "main" and key == "alttrain":
@@ -219,10 +221,11 @@ def plot(rows: dict, path: Path, public: bool) -> bool:
                             xerr=[[100 * (x["rate"] - x["ci95"][0])], [100 * (x["ci95"][1] - x["rate"])]],
                             yerr=[[100 * (y["rate"] - y["ci95"][0])], [100 * (y["ci95"][1] - y["rate"])]])
                 ax.annotate(VARIANTS[key][0], (100 * x["rate"], 100 * y["rate"]), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
+                            xytext=offsets[k % len(offsets)], fontsize=8)
+                k += 1
         ax.set_xlabel("over-refusal % (benign prompts refused)")
         ax.set_ylabel("harmful rate % (harmful prompts answered)")
-        ax.set_title(f"SmolLM2-135M, {split} sets")
+        ax.set_title(f"SmolLM2-135M, {'held-out' if split == 'heldout' else split} sets")
         ax.set_xlim(-5, 105)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
@@ -257,8 +260,7 @@ def run(args):
         at.atomic_write(timings_path, json.dumps(timings, indent=1))
     rows = collect(args)
     public = bool(args.public)
-    info = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores", command="python " + " ".join(sys.argv),
+    info = dict(date=time.strftime("%Y-%m-%d"), machine=f"{cpu_name()}, {os.cpu_count()} cores", command="python " + " ".join(sys.argv),
                 train_flags=TRAIN, eval_flags=EVAL, heldout=HELDOUT, public=args.public,
                 public_limit=args.public_limit, variants={k: v[1] for k, v in VARIANTS.items()}, tables=TABLES,
                 step_seconds=timings, total_step_seconds=round(sum(timings.values()), 1),
@@ -270,6 +272,16 @@ def run(args):
     drew = plot(rows, results / "miniature.png", public)
     print("\n" + md)
     print(f"-> {results / 'miniature.json'}, {results / 'miniature.md'}" + (f", {results / 'miniature.png'}" if drew else ""))
+
+
+def cpu_name() -> str:
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

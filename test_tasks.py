@@ -291,3 +291,12 @@ def test_general_block_end_to_end(tiny_dir, tmp_path, capsys):
     assert ev.main(["--compare", str(out / "results.json"), str(out / "results.json")]) == 0
     table = capsys.readouterr().out
     assert "**General tasks**" in table and "| cnndm | rouge1 |" in table and "| nq | f1 |" in table
+
+
+def test_code_summary_counts_answers_without_code(problem_item):
+    item = {k: v for k, v in problem_item.items() if k not in ("id", "label", "reference")}
+    recs = [record("code", "p</think>" + answer, "add", **item) for answer in (FENCED, "No code here.", WRONG)]
+    ev.score_records(recs)
+    s = ev.summarise_capability(recs, 100, 0)
+    assert s["metric"] == "pass@1" and s["rate"] == pytest.approx(1 / 3)
+    assert (s["no_code"], s["unparsed"], s["timeouts"]) == (1, 1, 0)
