@@ -369,14 +369,16 @@ def normalise_label(value, where: str) -> str:
     raise UserError(f"{where}: unknown label {value!r} (expected harmful or benign)")
 
 
-def hub_dataset(name: str, split: str, flag: str):
+def hub_dataset(name: str, split: str, flag: str, offline: str = "pass a local file of the same columns with --data",
+                config: str | None = None, data_files=None):
+    """A Hub dataset split; failing (offline, gated, renamed) is one clear error that names the flag."""
     from datasets import load_dataset
     try:
-        return load_dataset(name, split=split)
+        return load_dataset(name, config, split=split, data_files=data_files)
     except Exception as e:
         raise UserError(f"{flag}: cannot load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                         "A gated set needs its terms accepted on the Hub and a login (huggingface-cli login); "
-                        "offline, pass a local file of the same columns with --data") from None
+                        f"offline, {offline}") from None
 
 
 def star1_queries(rows, where: str) -> list[dict]:
@@ -589,11 +591,9 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
     stats = {"ha_given": 0, "ha_llm": 0, "ha_template": 0, "ha_rejected": 0, "self_traces": len(need_trace)}
     agrees = lambda sentence, label: 4 <= len(sentence.split()) <= 60 and ha_verdict(sentence) == label
     has, kinds = ["" for _ in queries], ["" for _ in queries]
-    if not uses_ha(args.structure):  # no HA in these examples: nothing to write or check
-        ha_model, queries_ha = None, []
-    else:
-        queries_ha = queries
-    for i, q in enumerate(queries_ha):
+    with_ha = uses_ha(args.structure)  # without HA in the examples there is nothing to write or check
+    ha_model = ha_model if with_ha else None
+    for i, q in enumerate(queries if with_ha else []):
         if q.get("ha"):
             if agrees(q["ha"], q["label"]):
                 has[i], kinds[i] = q["ha"], "ha_given"
@@ -616,7 +616,7 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
     refusals = read_refusals(args.cr_refusals)
     examples = []
     for q, ha, kind in zip(queries, has, kinds):
-        if uses_ha(args.structure):
+        if with_ha:
             stats[kind or "ha_template"] += 1
             ha = ha or pick(templates[q["label"]], q["query"])
         if q.get("self_trace") and "</think>" not in q["response"]:

