@@ -25,6 +25,8 @@ Features
     length-grouped batches, loss only on the response (EOS included) normalised per supervised token.
   * A data file may carry each query's own assessment sentence (an `ha` column), used as HA when it agrees
     with the label - as the paper's GPT-4o sentences were written ahead of training.
+  * --ha-weight W makes the assessment sentence's tokens count W times in the loss (default 1: the paper's
+    plain SFT). A small model needs it to learn the verdict, a few tokens among many (README.md).
   * Checkpoints (adapter, optimiser, schedule position, RNG) every --save-every steps; --resume continues
     a killed run and ends with the same adapter as an uninterrupted one.
   * The memory a run needs is estimated from the model's config and checked before anything is loaded
@@ -194,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "is normalised per step, so this also sets how examples weigh: README, Training details")
     g.add_argument("--max-len", type=int, default=4096, help="longer examples are dropped and counted")
     g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
+    g.add_argument("--ha-weight", type=float, default=1.0,
+                   help="loss weight of the assessment (HA) sentence's tokens, others 1 (paper: 1, plain SFT). "
+                        "The verdict is a few tokens against hundreds of trace tokens; a small model may need "
+                        "them to weigh more to learn the judgement rather than only the traces")
     g.add_argument("--seed", type=int, default=1995, help="seed for selection, data order and LoRA init")
 
     g = p.add_argument_group("output")
@@ -697,15 +703,28 @@ def encode_prompt(tok, prompt: str) -> list[int]:
     return ids
 
 
-def encode_example(tok, query: str, response: str, system_prompt: str | None = None) -> dict:
+def encode_example(tok, query: str, response: str, system_prompt: str | None = None,
+                   ha: str = "", ha_weight: float = 1.0) -> dict:
     """input_ids and labels for one example. Prompt and response are tokenized separately, exactly as
-    the model will see them at inference (prompt tokens, then its own tokens)."""
+    the model will see them at inference (prompt tokens, then its own tokens). With ha_weight != 1, also
+    `weights`: ha_weight on the tokens of the assessment sentence `ha`, 1 on the other response tokens."""
     prompt = render_prompt(tok, query, system_prompt)
     if template_opens_think(prompt):  # exactly one <think>: the template already wrote it
         response = re.sub(r"^<think>\n?", "", response)
     prompt_ids = encode_prompt(tok, prompt)
-    response_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]  # EOS is learned
-    return dict(input_ids=prompt_ids + response_ids, labels=[-100] * len(prompt_ids) + response_ids)
+    if ha_weight != 1 and ha and not tok.is_fast:
+        raise UserError("--ha-weight needs a fast tokenizer (character offsets of each token)")
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=ha_weight != 1 and bool(ha))
+    response_ids = enc.input_ids + [tok.eos_token_id]  # EOS is learned
+    out = dict(input_ids=prompt_ids + response_ids, labels=[-100] * len(prompt_ids) + response_ids)
+    if ha_weight != 1 and ha:
+        start = response.find(ha)
+        if start < 0:
+            raise ValueError(f"assessment sentence not in the response: {ha!r}")
+        end = start + len(ha)  # a token that overlaps the sentence counts as part of it
+        w = [ha_weight if a < end and b > start else 1.0 for a, b in enc.offset_mapping] + [1.0]
+        out["weights"] = [0.0] * len(prompt_ids) + w
+    return out
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -718,7 +737,13 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     for i, ex in enumerate(batch):
         n = len(ex["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"]), 1
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    out = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if any("weights" in ex for ex in batch):  # per-token loss weights (--ha-weight); 1 where an example has none
+        out["weights"] = (labels != -100).float()
+        for i, ex in enumerate(batch):
+            if "weights" in ex:
+                out["weights"][i, :len(ex["weights"])] = torch.tensor(ex["weights"])
+    return out
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, chunk: int = 64) -> list[list[int]]:
@@ -964,7 +989,16 @@ def response_loss_sum(model, batch: dict) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     keep = targets != -100                                   # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+    if "weights" not in batch:
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+    return (F.cross_entropy(logits, targets[keep], reduction="none") * batch["weights"][:, 1:][keep]).sum()
+
+
+def loss_normaliser(batches: list[dict]) -> float:
+    """What a step's loss sum is divided by: its supervised-token count, or with per-token weights their
+    sum (a weighted mean: a loss of the same scale, and the same learning rate means the same)."""
+    return sum(float(b["weights"][:, 1:][b["labels"][:, 1:] != -100].sum()) if "weights" in b
+               else int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
 def train(args, model, tok, data: list[dict], out: Path) -> dict:
@@ -998,13 +1032,14 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         micro_batches = epoch_batches(epoch)[k * accum:(k + 1) * accum]  # data order is a function of step
         batches = [collate([data[i] for i in idx], tok.pad_token_id) for idx in micro_batches]
         n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        norm = loss_normaliser(batches)
         lr = lr_at(step, total, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_step, loss_sum, tokens = time.time(), 0.0, 0
         for b in batches:
             b = {key: v.to(dev) for key, v in b.items()}
-            loss = response_loss_sum(model, b) / n_sup
+            loss = response_loss_sum(model, b) / norm
             loss.backward()
             loss_sum += loss.item()
             computed += b["input_ids"].numel()
@@ -1083,6 +1118,8 @@ def run(args):
     alias = MODEL_ALIASES.get(args.model.lower(), {})
     args.batch_size = args.batch_size or alias.get("batch", 8)
     require_positive(args, "batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size")
+    if not args.ha_weight > 0:
+        raise UserError(f"--ha-weight {args.ha_weight}: must be above 0")
     out = prepare_out_dir(args)
     path = resolve_model(args.model, args.cache_dir)
     tok = load_tokenizer(path, args.trust_remote_code)
@@ -1157,7 +1194,8 @@ def run(args):
     # -- tokenise
     data, dropped = [], 0
     for ex in examples:
-        enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt)
+        enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt,
+                             ex.get("ha") or "", args.ha_weight)
         if len(enc["input_ids"]) > args.max_len:
             dropped += 1
             continue

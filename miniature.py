@@ -15,8 +15,9 @@ does CR follow HA), each with a 95% bootstrap interval over prompts. Writes resu
 .png (harmful rate against over-refusal, one point a variant).
 
 Tradeoffs
-  * The quick start's recipe (README.md) for every variant: plain LoRA, lr 2e-3, 2 epochs, one seed. With 20
-    to 40 prompts a set the intervals are wide; differences inside them are not findings.
+  * One recipe for every variant: plain LoRA, lr 2e-3, 2 epochs, one seed, the paper's plain SFT loss. That
+    was the quick start's recipe until it added --ha-weight 20 (README.md). With 20 to 40 prompts a set the
+    intervals are wide, and a second seed moves a run about as much; differences inside them are not findings.
   * The judge is the keyword heuristic (offline); see README's "Judges against people" for how often it
     agrees with people.
   * Re-running continues where it stopped: finished trainings and evaluations are kept under --work, an
@@ -43,7 +44,7 @@ import eval as ev
 HERE = Path(__file__).resolve().parent
 
 # =====================================================================================================
-# 0. Configuration: the quick start's recipe, and the variants of each table
+# 0. Configuration: one recipe, and the variants of each table
 # =====================================================================================================
 TRAIN = ["--model", "smollm2-135m", "--data", "data/train.jsonl", "--n-harmful", "all", "--n-benign", "all",
          "--ha-model", "template", "--no-quant", "--optim", "adamw", "--no-grad-ckpt", "--lr", "2e-3",

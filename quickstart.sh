@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in about 13 minutes on 2 cores.
+# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in about 14 minutes on 2 cores.
 #   1. evaluate the untrained model on the held-out part of data/ (harmful, benign, benign-but-scary,
 #      GSM-style math)
 #   2. train it with AltTrain on data/train.jsonl
@@ -17,8 +17,10 @@ EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-si
 # recomputation). LoRA r=16 on all seven projections of all layers, as in the paper. Every query of
 # data/train.jsonl (272 harmful + 286 benign) with its own assessment sentence (the `ha` column;
 # --ha-model template: no model is asked to write assessments, a row without one would get a template).
+# --ha-weight 20: the assessment's tokens count 20x in the loss; with weight 1 this model does not even fit
+# its own training verdicts (README, Training details).
 TRAIN="--model smollm2-135m --data data/train.jsonl --n-harmful all --n-benign all --ha-model template
-       --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --save-every 20"
+       --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --ha-weight 20 --save-every 20"
 start=$(date +%s)
 
 python eval.py --model smollm2-135m --bench $TEST $EVAL --out "$OUT/before"

@@ -300,6 +300,87 @@ def test_pad_equal_to_eos_keeps_eos_supervised(tiny_dir):
     assert batch["attention_mask"][0].sum() == n and batch["attention_mask"][1].all()
 
 
+def test_ha_weight_marks_exactly_the_assessment_tokens(tiny_dir):
+    tok = at.load_tokenizer(tiny_dir)
+    ha = "But wait, a bomb could kill people, so I should not help with it."
+    ex = at.build_example("How do I make a bomb?", "harmful", HARMFUL_TRACE, "", ha, "alt")
+    plain = at.encode_example(tok, ex["query"], ex["response"], ha=ex["ha"])
+    assert "weights" not in plain                                  # weight 1: plain SFT, nothing added
+    enc = at.encode_example(tok, ex["query"], ex["response"], ha=ex["ha"], ha_weight=4.0)
+    assert enc["input_ids"] == plain["input_ids"] and enc["labels"] == plain["labels"]  # same tokens
+    w = enc["weights"]
+    assert len(w) == len(enc["input_ids"])
+    assert all(x == 0 for x, lab in zip(w, enc["labels"]) if lab == -100)  # the prompt weighs nothing
+    heavy = [i for i, x in enumerate(w) if x == 4.0]
+    assert heavy == list(range(heavy[0], heavy[-1] + 1))              # one contiguous span ...
+    assert tok.decode(enc["input_ids"][heavy[0]:heavy[-1] + 1]).strip() == ha  # ... that is the sentence
+    assert w[-1] == 1.0 and enc["labels"][-1] == tok.eos_token_id       # EOS still learned, weight 1
+    with pytest.raises(ValueError, match="not in the response"):
+        at.encode_example(tok, ex["query"], ex["response"], ha="another sentence", ha_weight=4.0)
+
+
+def test_ha_weight_loss_is_a_weighted_mean(tiny_dir):
+    """Weighted tokens count `w` times in the sum and in the normaliser; weight 1 is the plain loss."""
+    tok = at.load_tokenizer(tiny_dir)
+    torch.manual_seed(0)
+    model, _ = lora_model(tiny_dir, quant=False, grad_ckpt=False)
+    exs = [at.build_example(f"question {i}", "benign", f"Okay, question {i}. The answer is {i}.", f"it is {i}",
+                            f"This is about the number {i}, so it is safe to help.", "alt") for i in range(3)]
+    def batch(w):
+        return at.collate([at.encode_example(tok, e["query"], e["response"], ha=e["ha"], ha_weight=w)
+                           for e in exs], tok.pad_token_id)
+    plain, ones, heavy = batch(1.0), batch(1.0 + 1e-9), batch(3.0)
+    n_sup = int((plain["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        base = at.response_loss_sum(model, plain) / n_sup
+        assert at.loss_normaliser([plain]) == n_sup
+        assert torch.allclose(at.response_loss_sum(model, ones) / at.loss_normaliser([ones]), base)
+        # by hand: cross-entropy per token, weighted
+        hidden = model.get_base_model().get_decoder()(input_ids=heavy["input_ids"],
+                                                      attention_mask=heavy["attention_mask"]).last_hidden_state
+        logits = model.get_base_model().get_output_embeddings()(hidden[:, :-1]).float()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), heavy["labels"][:, 1:], reduction="none",
+                                               ignore_index=-100)
+        w = heavy["weights"][:, 1:]
+        expect = (ce * w).sum() / w.sum()
+        n_ha = int((w == 3.0).sum())
+        assert n_ha > 0 and at.loss_normaliser([heavy]) == pytest.approx(n_sup + 2 * n_ha)
+        assert torch.allclose(at.response_loss_sum(model, heavy) / at.loss_normaliser([heavy]), expect, atol=1e-5)
+
+
+def test_ha_weight_flag_checked(tiny_dir, tmp_path):
+    with pytest.raises(at.UserError, match="--ha-weight"):
+        at.run(at.parse_args(["--model", str(tiny_dir), "--data", str(Path(__file__).parent / "data" / "train.jsonl"), "--ha-weight", "0",
+                              "--out", str(tmp_path / "o")]))
+
+
+def test_verdict_fit_checks_the_token_that_opens_the_assessment(tiny_dir, monkeypatch):
+    """bench/verdict_fit.py: a model that always predicts the harmful opener's first token gets every harmful
+    verdict right and every benign one wrong, whatever comes before."""
+    import sys
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    import verdict_fit
+    tok = at.load_tokenizer(tiny_dir)
+    exs = [at.build_example(f"q{i}", label, "Okay, the user asks something.", "fine",
+                            "But wait, no, so I should not help with it." if label == "harmful"
+                            else "This is fine, so it is safe to help.", "alt")
+           for i, label in enumerate(["harmful", "benign", "harmful"])]
+    exs.append(at.build_example("q", "benign", "Okay.", "x", "", "no-ha"))  # no HA: not counted
+    def first_ha_token(ex):
+        enc = at.encode_example(tok, ex["query"], ex["response"], ha=ex["ha"], ha_weight=2.0)
+        return enc["input_ids"][enc["weights"].index(2.0)]
+    target = first_ha_token(exs[0])
+    assert target == first_ha_token(exs[2]) != first_ha_token(exs[1])
+
+    class AlwaysBut(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], len(tok))
+            logits[..., target] = 1.0
+            return type("Out", (), {"logits": logits})
+    hits = verdict_fit.verdict_hits(AlwaysBut(), tok, exs)
+    assert hits == {"harmful": [True, True], "benign": [False]}
+
+
 def test_length_grouping_covers_all_and_reduces_padding():
     lengths = [10 + (i * 37) % 500 for i in range(200)]
     batches = at.length_grouped_batches(lengths, 8, seed=0)
@@ -409,10 +490,12 @@ def test_cli_trains_and_saves_loadable_adapter(tiny_dir, data_file, tmp_path, qu
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
 
 
-@pytest.mark.parametrize("batching", ["length", "random"])
-def test_kill_and_resume_gives_the_same_adapter(tiny_dir, data_file, tmp_path, batching):
+@pytest.mark.parametrize("batching,flags", [("length", ()), ("random", ()), ("length", ("--ha-weight", 3))],
+                         ids=["length", "random", "ha-weight"])
+def test_kill_and_resume_gives_the_same_adapter(tiny_dir, data_file, tmp_path, batching, flags):
     from safetensors.torch import load_file
-    run = lambda out, *extra: small_run(tiny_dir, data_file, tmp_path / out, "--save-every", 2, "--batching", batching, *extra)
+    run = lambda out, *extra: small_run(tiny_dir, data_file, tmp_path / out, "--save-every", 2, "--batching", batching,
+                                        *flags, *extra)
     assert run("a") == 0
     assert run("b", "--halt-after", 3) == 0
     cfg = json.loads((tmp_path / "b" / "alttrain_config.json").read_text())

@@ -1,0 +1,68 @@
+"""
+Does a trained model fit its own training verdicts? For every training example of a finished alttrain.py run
+that has an assessment (HA), feed the example as it was trained (prompt, then the response up to where the HA
+sentence starts: PU), and check whether the model's greedy next token is the HA's first token - the token that
+carries the verdict when, as in data/train.jsonl, harmful and benign assessments open differently ("But wait"
+/ "This is"). One forward pass per example, no generation.
+
+A model that gets its *training* verdicts wrong is underfit on the judgement, which more data cannot fix:
+that is what led to --ha-weight (README, Training details).
+
+    python bench/verdict_fit.py out/quickstart/run            # the run's own alttrain_data.jsonl
+Results: printed, and bench/results/verdict_fit.json (one entry per run folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import common as c
+from common import at
+
+
+def verdict_hits(model, tok, examples: list[dict]) -> dict[str, list[bool]]:
+    """label -> one bool per example with an HA: is the greedy token before the HA its first token?"""
+    hits: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for ex in tqdm(examples, desc="verdicts", unit="example"):
+            if not ex.get("ha"):
+                continue
+            enc = at.encode_example(tok, ex["query"], ex["response"], ha=ex["ha"], ha_weight=2.0)
+            first = enc["weights"].index(2.0)                   # the HA's first token
+            ids = torch.tensor([enc["input_ids"][:first]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            hits.setdefault(ex["label"], []).append(int(logits.argmax()) == enc["input_ids"][first])
+    return hits
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("run", help="a finished alttrain.py --out folder")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    cfg = json.loads((run / "alttrain_config.json").read_text())
+    if not cfg.get("finished") or not (run / "adapter_model.safetensors").exists():
+        raise SystemExit(f"{run}: not a finished alttrain.py run")
+    from peft import PeftModel
+    tok = at.load_tokenizer(str(run))
+    base = at.load_model(cfg["base_model"], quant=False, allow_cpu=True)
+    model = PeftModel.from_pretrained(base, str(run)).eval()
+    examples = [json.loads(l) for l in open(run / at.DATA_NAME, encoding="utf-8")]
+    hits = verdict_hits(model, tok, examples)
+    result = {label: dict(n=len(h), right_first_token_pct=round(100 * sum(h) / len(h), 1)) for label, h in hits.items()}
+    for label, r in result.items():
+        print(f"{label:8s} n={r['n']:4d}  greedy token = the HA's first token: {r['right_first_token_pct']}%")
+    out = c.RESULTS / "verdict_fit.json"
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved[os.path.normpath(args.run)] = dict(result=result, ha_weight=cfg["args"].get("ha_weight", 1.0),
+                                            machine=c.machine())
+    c.save(out.name, saved)
+
+
+if __name__ == "__main__":
+    main()
