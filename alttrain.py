@@ -26,7 +26,7 @@ Features
   * A data file may carry each query's own assessment sentence (an `ha` column), used as HA when it agrees
     with the label - as the paper's GPT-4o sentences were written ahead of training.
   * --ha-weight W makes the assessment sentence's tokens count W times in the loss (default 1: the paper's
-    plain SFT). A small model needs it to learn the verdict, a few tokens among many (README.md).
+    plain SFT): the verdict is a few tokens among many. The CPU quick start uses 20 (README.md).
   * Checkpoints (adapter, optimiser, schedule position, RNG) every --save-every steps; --resume continues
     a killed run and ends with the same adapter as an uninterrupted one.
   * The memory a run needs is estimated from the model's config and checked before anything is loaded

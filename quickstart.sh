@@ -10,15 +10,16 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
 TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl data/math_gsm_style.jsonl"
 # keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). All held-out prompts:
-# 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math.
-EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 16"
+# 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math. Batch 20: each set in one or two batches (the
+# same answers as batch 16, about 35 s faster per evaluation on 2 cores).
+EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 20"
 # CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
 # and 2 epochs instead of 1e-5 x 15, no gradient checkpointing (a 135M model fits without it, and it costs
 # recomputation). LoRA r=16 on all seven projections of all layers, as in the paper. Every query of
 # data/train.jsonl (272 harmful + 286 benign) with its own assessment sentence (the `ha` column;
 # --ha-model template: no model is asked to write assessments, a row without one would get a template).
-# --ha-weight 20: the assessment's tokens count 20x in the loss; with weight 1 this model does not even fit
-# its own training verdicts (README, Training details).
+# --ha-weight 20: the assessment's tokens count 20x in the loss (the verdict is a few tokens of each example);
+# not the paper's recipe. What it changed, and the seed noise around it: README, quick-start section.
 TRAIN="--model smollm2-135m --data data/train.jsonl --n-harmful all --n-benign all --ha-model template
        --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --ha-weight 20 --save-every 20"
 start=$(date +%s)

@@ -5,8 +5,8 @@ sentence starts: PU), and check whether the model's greedy next token is the HA'
 carries the verdict when, as in data/train.jsonl, harmful and benign assessments open differently ("But wait"
 / "This is"). One forward pass per example, no generation.
 
-A model that gets its *training* verdicts wrong is underfit on the judgement, which more data cannot fix:
-that is what led to --ha-weight (README, Training details).
+A model that gets its *training* verdicts wrong is underfit on the judgement; one that gets them right and
+still misjudges held-out prompts does not generalise. Used to see what --ha-weight changes (README).
 
     python bench/verdict_fit.py out/quickstart/run            # the run's own alttrain_data.jsonl
 Results: printed, and bench/results/verdict_fit.json (one entry per run folder).
@@ -60,7 +60,7 @@ def main(argv=None):
     out = c.RESULTS / "verdict_fit.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
     saved[os.path.normpath(args.run)] = dict(result=result, ha_weight=cfg["args"].get("ha_weight", 1.0),
-                                            machine=c.machine())
+                                            seed=cfg["args"]["seed"], machine=c.machine())
     c.save(out.name, saved)
 
 
