@@ -712,12 +712,13 @@ def encode_example(tok, query: str, response: str, system_prompt: str | None = N
     if template_opens_think(prompt):  # exactly one <think>: the template already wrote it
         response = re.sub(r"^<think>\n?", "", response)
     prompt_ids = encode_prompt(tok, prompt)
-    if ha_weight != 1 and ha and not tok.is_fast:
+    weighted = ha_weight != 1 and bool(ha)
+    if weighted and not tok.is_fast:
         raise UserError("--ha-weight needs a fast tokenizer (character offsets of each token)")
-    enc = tok(response, add_special_tokens=False, return_offsets_mapping=ha_weight != 1 and bool(ha))
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=weighted)
     response_ids = enc.input_ids + [tok.eos_token_id]  # EOS is learned
     out = dict(input_ids=prompt_ids + response_ids, labels=[-100] * len(prompt_ids) + response_ids)
-    if ha_weight != 1 and ha:
+    if weighted:
         start = response.find(ha)
         if start < 0:
             raise ValueError(f"assessment sentence not in the response: {ha!r}")
