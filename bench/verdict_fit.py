@@ -25,15 +25,17 @@ import common as c
 from common import at
 
 
-def verdict_hits(model, tok, examples: list[dict]) -> dict[str, list[bool]]:
-    """label -> one bool per example with an HA: is the greedy token before the HA its first token?"""
+def verdict_hits(model, tok, examples: list[dict], system_prompt: str | None = None) -> dict[str, list[bool]]:
+    """label -> one bool per example with an HA: is the greedy token before the HA its first token?
+    `system_prompt`: the run's own (--system-prompt), so each example is encoded as it was trained."""
     hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         for ex in tqdm(examples, desc="verdicts", unit="example"):
             if not ex.get("ha"):
                 continue
-            enc = at.encode_example(tok, ex["query"], ex["response"], ha=ex["ha"], ha_weight=2.0)
-            first = enc["weights"].index(2.0)                   # the HA's first token
+            # weights mark the HA's tokens (any weight but 1 does); the first marked one opens it
+            enc = at.encode_example(tok, ex["query"], ex["response"], system_prompt, ha=ex["ha"], ha_weight=2.0)
+            first = enc["weights"].index(2.0)
             ids = torch.tensor([enc["input_ids"][:first]])
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
             hits.setdefault(ex["label"], []).append(int(logits.argmax()) == enc["input_ids"][first])
@@ -53,7 +55,7 @@ def main(argv=None):
     base = at.load_model(cfg["base_model"], quant=False, allow_cpu=True)
     model = PeftModel.from_pretrained(base, str(run)).eval()
     examples = [json.loads(l) for l in open(run / at.DATA_NAME, encoding="utf-8")]
-    hits = verdict_hits(model, tok, examples)
+    hits = verdict_hits(model, tok, examples, cfg["args"].get("system_prompt"))
     result = {label: dict(n=len(h), right_first_token_pct=round(100 * sum(h) / len(h), 1)) for label, h in hits.items()}
     for label, r in result.items():
         print(f"{label:8s} n={r['n']:4d}  greedy token = the HA's first token: {r['right_first_token_pct']}%")
