@@ -18,6 +18,8 @@ Tradeoffs
   * One recipe for every variant: plain LoRA, lr 2e-3, 2 epochs, one seed, the paper's plain SFT loss. That
     was the quick start's recipe until it added --ha-weight 20 (README.md). With 20 to 40 prompts a set the
     intervals are wide, and a second seed moves a run about as much; differences inside them are not findings.
+  * The committed tables (results/miniature.*) were measured on the 558-row data/train.jsonl of commit
+    9771b4e; the file has 648 rows since, so a re-run trains on more data (check out 9771b4e to repeat them).
   * The judge is the keyword heuristic (offline); see README's "Judges against people" for how often it
     agrees with people.
   * Re-running continues where it stopped: finished trainings and evaluations are kept under --work, an
@@ -52,7 +54,7 @@ TRAIN = ["--model", "smollm2-135m", "--data", "data/train.jsonl", "--n-harmful",
 EVAL = ["--judge", "keywords", "--max-new-tokens", "160", "--math-max-new-tokens", "256", "--batch-size", "16"]
 HELDOUT = ["data/test_harmful.jsonl", "data/test_benign.jsonl", "data/test_benign_scary.jsonl",
            "data/math_gsm_style.jsonl"]
-N_BENIGN = 286  # benign rows of data/train.jsonl (checked at start)
+N_BENIGN = 339  # benign rows of data/train.jsonl (checked at start)
 
 # key -> (row label, extra alttrain.py flags; None = the untrained model)
 VARIANTS = {

@@ -10,13 +10,13 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
 TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl data/math_gsm_style.jsonl"
 # keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). All held-out prompts:
-# 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math. Batch 20: each set in one or two batches (the
-# same answers as batch 16, about 35 s faster per evaluation on 2 cores).
-EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 20"
+# 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math. Batch 40: each set in one batch (the same
+# answers as batch 20 and 16, and faster on 2 cores: README, quick-start section).
+EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 40"
 # CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
 # and 2 epochs instead of 1e-5 x 15, no gradient checkpointing (a 135M model fits without it, and it costs
 # recomputation). LoRA r=16 on all seven projections of all layers, as in the paper. Every query of
-# data/train.jsonl (272 harmful + 286 benign) with its own assessment sentence (the `ha` column;
+# data/train.jsonl (309 harmful + 339 benign) with its own assessment sentence (the `ha` column;
 # --ha-model template: no model is asked to write assessments, a row without one would get a template).
 # --ha-weight 20: the assessment's tokens count 20x in the loss (the verdict is a few tokens of each example);
 # not the paper's recipe. What it changed, and the seed noise around it: README, quick-start section.
