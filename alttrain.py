@@ -266,6 +266,21 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def keep_freed_memory() -> bool:
+    """A CPU training speed-up. glibc serves every block over 32 MB (here the vocabulary-sized logits and
+    their gradients) with a fresh mmap and unmaps it when freed, so each step faults the same memory back
+    in page by page. With mmap and trimming off, large blocks come from the heap and freed memory stays in
+    the process: ten SmolLM2 steps took 0.9M page faults instead of 2.5M and 3.9 s a step instead of 4.8,
+    at the same peak memory (README, Efficiency). Process-wide; glibc only (elsewhere returns False)."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def estimate_params(config) -> float:
     """Parameters of a decoder-only transformer, from its config alone (no weights downloaded)."""
     h, n_layers = config.hidden_size, config.num_hidden_layers
@@ -1216,6 +1231,8 @@ def run(args):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model {path} ({'4-bit NF4' if quant else 'full precision'}, {device()}), "
           f"LoRA r={args.lora_r}: {n_train:,} trainable parameters")
+    if device() == "cpu":
+        keep_freed_memory()
     torch.manual_seed(args.seed)
     metrics = train(args, model, tok, data, out)
     if metrics.get("halted"):

@@ -659,3 +659,30 @@ def test_bench_padding_counts_padding_and_every_batching_covers_each_example_onc
     ours = bp.waste(rows, batchings["ours"])["padding"]
     assert ours < 0.5 * bp.waste(rows, batchings["random"])["padding"]
     assert ours < bp.waste(rows, batchings["hf grouped"])["padding"]  # transformers' LengthGroupedSampler
+
+
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    """After keep_freed_memory(), a 64 MB tensor comes from malloc's heap (freed memory stays in the process
+    for the next step) instead of its own mmap (unmapped when freed, faulted in again next step). In a child
+    process: the setting is process-wide."""
+    import subprocess
+    import sys
+    code = """
+import torch, alttrain as at
+def in_heap(t):  # does the tensor's memory lie in the [heap] mapping?
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return True
+    return False
+a = in_heap(torch.ones(16 * 2**20)); ok = at.keep_freed_memory(); b = in_heap(torch.ones(16 * 2**20))
+print(a, ok, b)
+"""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc/self/maps to look at")
+    before, ok, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       cwd=at.HERE).stdout.split()
+    if ok != "True":
+        pytest.skip("not glibc: keep_freed_memory() does nothing here")
+    assert (before, after) == ("False", "True")
