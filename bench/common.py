@@ -29,7 +29,7 @@ def model_path(name: str) -> str:
 
 def quickstart_examples(tok) -> list[dict]:
     """The quick start's training set (data/train.jsonl, template assessments), tokenized as alttrain.py does."""
-    args = at.build_parser().parse_args(["--data", str(ROOT / "data" / "train.jsonl"), "--ha-model", "template"])
+    args = at.parse_args(["--data", str(ROOT / "data" / "train.jsonl"), "--ha-model", "template"])
     queries = at.load_queries(args)
     n_harmful = sum(q["label"] == "harmful" for q in queries)
     queries = at.select_queries(queries, n_harmful, len(queries) - n_harmful, args.seed)  # all, in the seeded order
