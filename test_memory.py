@@ -9,6 +9,7 @@ import pytest
 import alttrain as at
 import eval as ev
 import memory
+import support
 
 R1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
@@ -101,8 +102,8 @@ def test_training_refuses_what_cannot_fit(tiny_dir, data_file, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "training (micro-batch 4) needs" in err and "--skip-memory-check" in err and not loaded
     # enough memory for micro-batches of 2 but not 4: the suggestion says so
-    need, real = {}, at.training_estimate
-    monkeypatch.setattr(at, "training_estimate", lambda *a: need.setdefault(a[-1], real(*a)))
+    need, real = {}, support.training_estimate
+    monkeypatch.setattr(support, "training_estimate", lambda *a: need.setdefault(a[-1], real(*a)))
     assert at.main(args + ["--overwrite"]) == 2 and need[4]["total"] > need[2]["total"]
     capsys.readouterr()
     monkeypatch.setattr(memory, "available", lambda cuda: (need[2]["total"] + need[4]["total"]) // 2)
