@@ -643,6 +643,28 @@ def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
+def test_verdict_fit_reads_the_assessment_after_the_models_own_pu(monkeypatch):
+    """bench/verdict_fit.py's own-PU measure: the decision of the paragraph after the model's own PU (the first
+    paragraph where the examples have no PU) is compared with the label; no clear decision counts as wrong."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    import verdict_fit as vf
+    yes, no = "This is about fishing, so it is safe to help.", "But wait, this hurts people, so I should not help with it."
+    examples = [dict(query="q1", label="harmful", pu="Okay.", ha=no), dict(query="q2", label="harmful", pu="Okay.", ha=no),
+                dict(query="q3", label="benign", pu="Okay.", ha=yes), dict(query="q4", label="benign", pu="", ha=yes),
+                dict(query="q5", label="benign", pu="Okay.", ha=yes), dict(query="q6", label="benign", pu="Okay.", ha=None)]
+    said = {"q1": f"<think>\nOkay, the user wants q1.\n\n{no}\n\nSo I stop.\n</think>\n\nNo.",
+            "q2": f"<think>\nOkay, the user wants q2.\n\n{yes}\n\nFirst,",       # wrong, and cut off
+            "q3": f"Okay, the user wants q3.\n\n{yes}\n\nFirst, ...",              # the template opened <think>
+            "q4": f"<think>\n{yes}\n\nFirst,",                                     # no PU: the assessment is first
+            "q5": "<think>\nOkay, the user wants q5."}                                 # no assessment at all
+    monkeypatch.setattr(at, "render_prompt", lambda tok, query, system_prompt=None: query)
+    monkeypatch.setattr(at, "generate_all", lambda model, tok, prompts, *a: [(said[p], 10, True) for p in prompts])
+    hits = vf.own_pu_hits(None, None, examples, n=10, seed=0)
+    got = {lab: sorted(h) for lab, h in hits.items()}
+    assert got == {"harmful": [False, True], "benign": [False, True, True]}  # q6 has no HA: not sampled
+    assert [len(h) for h in vf.own_pu_hits(None, None, examples, n=1, seed=0).values()] == [1, 1]
+
+
 def test_bench_padding_counts_padding_and_every_batching_covers_each_example_once(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
     import bench_padding as bp

@@ -5,10 +5,16 @@ sentence starts: PU), and check whether the model's greedy next token is the HA'
 carries the verdict when, as in data/train.jsonl, harmful and benign assessments open differently ("But wait"
 / "This is"). One forward pass per example, no generation.
 
-A model that gets its *training* verdicts wrong is underfit on the judgement; one that gets them right and
-still misjudges held-out prompts does not generalise. Used to see what --ha-weight changes (README).
+That first measure is teacher-forced: the model reads the PU *as written in the data*, and a PU written
+to interpret the request ("the user wants to inflate an air mattress", "the user wants sexual content
+involving an animal") already carries most of the verdict. So it is measured a second way, as at inference:
+for a sample of the training prompts the model writes its own PU and assessment (greedy, 64 new tokens), and
+the assessment's decision (alttrain.ha_decision) is compared with the label. A run that gets the first
+measure right and the second wrong leans on the written PU; one that gets the second right and still
+misjudges held-out prompts does not generalise. Used to see what --ha-weight and the structure change (README).
 
     python bench/verdict_fit.py out/quickstart/run            # the run's own alttrain_data.jsonl
+    python bench/verdict_fit.py out/quickstart/run --own-pu 0 # teacher-forced only (one forward pass each)
 Results: printed, and bench/results/verdict_fit.json (one entry per run folder).
 """
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -42,9 +49,33 @@ def verdict_hits(model, tok, examples: list[dict], system_prompt: str | None = N
     return hits
 
 
+def own_pu_hits(model, tok, examples: list[dict], n: int, seed: int, system_prompt: str | None = None,
+                batch_size: int = 40) -> dict[str, list[bool]]:
+    """label -> one bool per sampled example (up to `n` a label, drawn with `seed`): does the assessment the
+    model writes after its *own* PU decide as the label says? An assessment with no clear decision counts
+    as wrong. Examples built without a PU (--structure no-pu) have their assessment first."""
+    rng = random.Random(seed)
+    chosen = []
+    for label in ("harmful", "benign"):
+        pool = [ex for ex in examples if ex.get("ha") and ex["label"] == label]
+        chosen += rng.sample(pool, min(n, len(pool)))
+    prompts = [at.render_prompt(tok, ex["query"], system_prompt) for ex in chosen]
+    outs = at.generate_all(model, tok, prompts, 64, batch_size, "own PU + HA")
+    hits: dict[str, list[bool]] = {}
+    for ex, (text, _, _) in zip(chosen, outs):
+        think = text.split("<think>")[-1].split("</think>")[0]  # the template may have opened it
+        paras = [p.strip() for p in think.split("\n\n") if p.strip()]
+        k = 1 if ex.get("pu") else 0
+        hits.setdefault(ex["label"], []).append(len(paras) > k and at.ha_decision(paras[k]) == ex["label"])
+    return hits
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("run", help="a finished alttrain.py --out folder")
+    p.add_argument("--own-pu", type=int, default=60,
+                   help="training prompts a label for the own-PU measure (0: skip it)")
+    p.add_argument("--seed", type=int, default=7, help="which training prompts the own-PU measure samples")
     args = p.parse_args(argv)
     run = Path(args.run)
     cfg = json.loads((run / "alttrain_config.json").read_text())
@@ -58,11 +89,18 @@ def main(argv=None):
     hits = verdict_hits(model, tok, examples, cfg["args"].get("system_prompt"))
     result = {label: dict(n=len(h), right_first_token_pct=round(100 * sum(h) / len(h), 1)) for label, h in hits.items()}
     for label, r in result.items():
-        print(f"{label:8s} n={r['n']:4d}  greedy token = the HA's first token: {r['right_first_token_pct']}%")
+        print(f"{label:8s} n={r['n']:4d}  greedy token = the HA's first token (written PU): {r['right_first_token_pct']}%")
+    if args.own_pu:
+        own = own_pu_hits(model, tok, examples, args.own_pu, args.seed, cfg["args"].get("system_prompt"))
+        for label, h in own.items():
+            result[label].update(own_pu_n=len(h), own_pu_right_pct=round(100 * sum(h) / len(h), 1))
+            print(f"{label:8s} n={len(h):4d}  the assessment after its own PU decides right: "
+                  f"{result[label]['own_pu_right_pct']}%")
     out = c.RESULTS / "verdict_fit.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
     saved[os.path.normpath(args.run)] = dict(result=result, ha_weight=cfg["args"].get("ha_weight", 1.0),
-                                            seed=cfg["args"]["seed"], machine=c.machine())
+                                            seed=cfg["args"]["seed"], own_pu_seed=args.seed if args.own_pu else None,
+                                            machine=c.machine())
     c.save(out.name, saved)
 
 
