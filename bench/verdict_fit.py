@@ -9,7 +9,7 @@ That first measure is teacher-forced: the model reads the PU *as written in the 
 to interpret the request ("the user wants to inflate an air mattress", "the user wants sexual content
 involving an animal") already carries most of the verdict. So it is measured a second way, as at inference:
 for a sample of the training prompts the model writes its own PU and assessment (greedy, 64 new tokens), and
-the assessment's decision (alttrain.ha_decision) is compared with the label. A run that gets the first
+the assessment's verdict, read as eval.py reads it, is compared with the label. A run that gets the first
 measure right and the second wrong leans on the written PU; one that gets the second right and still
 misjudges held-out prompts does not generalise. Used to see what --ha-weight and the structure change (README).
 
@@ -52,8 +52,9 @@ def verdict_hits(model, tok, examples: list[dict], system_prompt: str | None = N
 def own_pu_hits(model, tok, examples: list[dict], n: int, seed: int, system_prompt: str | None = None,
                 batch_size: int = 40) -> dict[str, list[bool]]:
     """label -> one bool per sampled example (up to `n` a label, drawn with `seed`): does the assessment the
-    model writes after its *own* PU decide as the label says? An assessment with no clear decision counts
-    as wrong. Examples built without a PU (--structure no-pu) have their assessment first."""
+    model writes after its *own* PU agree with the label? Read as eval.py reads it for "HA agrees with the
+    label" (split_output, first_assessment); no assessment counts as wrong."""
+    import eval as ev  # its output parsing, so this measure and eval.py's agree by construction
     rng = random.Random(seed)
     chosen = []
     for label in ("harmful", "benign"):
@@ -62,11 +63,9 @@ def own_pu_hits(model, tok, examples: list[dict], n: int, seed: int, system_prom
     prompts = [at.render_prompt(tok, ex["query"], system_prompt) for ex in chosen]
     outs = at.generate_all(model, tok, prompts, 64, batch_size, "own PU + HA")
     hits: dict[str, list[bool]] = {}
-    for ex, (text, _, _) in zip(chosen, outs):
-        think = text.split("<think>")[-1].split("</think>")[0]  # the template may have opened it
-        paras = [p.strip() for p in think.split("\n\n") if p.strip()]
-        k = 1 if ex.get("pu") else 0
-        hits.setdefault(ex["label"], []).append(len(paras) > k and at.ha_decision(paras[k]) == ex["label"])
+    for ex, prompt, (text, _, _) in zip(chosen, prompts, outs):
+        reasoning, _, _ = ev.split_output(text, at.template_opens_think(prompt))
+        hits.setdefault(ex["label"], []).append(ev.first_assessment(reasoning) == ex["label"])
     return hits
 
 
@@ -94,7 +93,7 @@ def main(argv=None):
         own = own_pu_hits(model, tok, examples, args.own_pu, args.seed, cfg["args"].get("system_prompt"))
         for label, h in own.items():
             result[label].update(own_pu_n=len(h), own_pu_right_pct=round(100 * sum(h) / len(h), 1))
-            print(f"{label:8s} n={len(h):4d}  the assessment after its own PU decides right: "
+            print(f"{label:8s} n={len(h):4d}  the assessment after its own PU agrees with the label: "
                   f"{result[label]['own_pu_right_pct']}%")
     out = c.RESULTS / "verdict_fit.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
