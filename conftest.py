@@ -30,3 +30,11 @@ def data_file(tmp_path):
     return path
 
 
+
+
+@pytest.fixture(autouse=True)
+def no_native_bf16(monkeypatch):
+    """The same tests on every CPU: `--dtype auto` means fp32 here unless a test says otherwise (tests that
+    compare adapters bit for bit need fp32; the bf16 path is tested with --dtype bf16 or a patched check)."""
+    import support
+    monkeypatch.setattr(support, "native_bf16", lambda dev: False)

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", action=argparse.BooleanOptionalAction, default=None,
                    help="load the policy in 4-bit NF4 (default: on with a GPU, as in training; off on CPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights of the policy, judge and attacker: bf16 where the device computes it natively "
+                        "(auto), else fp32; the adapter is applied as PEFT applies it (fp32 LoRA weights)")
     g.add_argument("--allow-cpu", action="store_true", help="run a model over 3B parameters on CPU anyway")
     g.add_argument("--cache-dir", default=os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"),
                    help="where converted offline models (smollm2-135m) are kept")
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.6, help="with --sample (DeepSeek's advice)")
     g.add_argument("--top-p", type=float, default=0.95, help="with --sample (DeepSeek's advice)")
     g.add_argument("--system-prompt", default=None,
-                   help="system prompt (default: the training run's, else none)")
+                   help="system prompt (default: the training run's; for --model, the backbone's as in R1-Act "
+                        "(R1 and s1.1 aliases), else none; '' for none)")
     g.add_argument("--defense", choices=("none", "ia"), default="none",
                    help="ia = intention analysis (Zhang et al. 2024), the paper's prompting baseline: first ask "
                         "for the query's essential intention (prompts/ia_intention.txt), then for the answer "
@@ -229,6 +233,8 @@ def load_policy(args, benches: dict):
     """The model under test: base (+ adapter for --ckpt). Returns (model, tokenizer, description).
     The memory that generation will need is checked before the weights are loaded."""
     quant = torch.cuda.is_available() if args.quant is None else args.quant
+    dtype, why = at.compute_dtype(args.dtype)
+    print(f"precision: {why}")
     if args.ckpt:
         cfg_path = Path(args.ckpt) / at.CONFIG_NAME
         if not cfg_path.exists():
@@ -241,17 +247,20 @@ def load_policy(args, benches: dict):
             args.system_prompt = cfg["args"].get("system_prompt")
         path, tok = cfg["base_model"], at.load_tokenizer(args.ckpt)
     else:
+        if args.system_prompt is None:  # the backbone's, as R1-Act evaluates it (None for other models)
+            args.system_prompt = at.MODEL_ALIASES.get(args.model.lower(), {}).get("system")
         path = at.resolve_model(args.model, args.cache_dir)
         tok = at.load_tokenizer(path, args.trust_remote_code)
-    check_generation_memory(args, path, tok, quant, benches)
-    model = at.load_model(path, quant, args.trust_remote_code, args.allow_cpu)
+    check_generation_memory(args, path, tok, quant, benches, dtype)
+    model = at.load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
     if args.ckpt:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, args.ckpt)
-    return model, tok, dict(base_model=path, ckpt=str(args.ckpt) if args.ckpt else None, quant=quant)
+    return model, tok, dict(base_model=path, ckpt=str(args.ckpt) if args.ckpt else None, quant=quant,
+                            dtype=at.dtype_name(dtype), dtype_reason=why)
 
 
-def check_generation_memory(args, path: str, tok, quant: bool, benches: dict):
+def check_generation_memory(args, path: str, tok, quant: bool, benches: dict, dtype=torch.float32):
     """Weights + KV cache for the longest prompt at --batch-size and the longest max-new-tokens in use."""
     items = [it for its in benches.values() for it in its]
 
@@ -263,7 +272,8 @@ def check_generation_memory(args, path: str, tok, quant: bool, benches: dict):
     longest = max(map(length, items))
     max_new = max(args.math_max_new_tokens if it["label"] in CAPABILITY else args.max_new_tokens for it in items)
     cuda = torch.cuda.is_available()
-    est = at.memory.generation(at.load_config(path, args.trust_remote_code), quant=quant, dtype_bytes=2 if cuda else 4,
+    est = at.memory.generation(at.load_config(path, args.trust_remote_code), quant=quant,
+                               dtype_bytes=torch.finfo(dtype).bits // 8,
                                batch=args.batch_size, prompt_len=longest, max_new=max_new, cuda=cuda)
     at.check_memory(args, f"generation (batch {args.batch_size}, {longest} + {max_new} tokens)", est,
                     "try a smaller --batch-size" + ("" if quant else ", or --quant"))
@@ -514,7 +524,7 @@ def load_judge(args):
     name = args.judge_model or JUDGES[args.judge]
     try:
         tok = at.load_tokenizer(name)
-        model = at.load_model(name, quant=False, allow_cpu=True)
+        model = at.load_model(name, quant=False, allow_cpu=True, dtype=at.compute_dtype(args.dtype)[0])
     except UserError:
         raise
     except Exception as e:  # offline, gated, missing: one clear message
@@ -527,13 +537,15 @@ def judge_prompt(tok, judge: str, prompt, response: str) -> str:
     """`prompt`: the user's message, or the conversation before the response (ending with the user's turn)."""
     messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
         [{"role": "assistant", "content": response}]
-    if judge == "llama-guard-3-1b":  # its template wants content as a list of typed parts
-        try:
-            return tok.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
-                                            for m in messages], tokenize=False)
-        except Exception:
-            pass
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if judge == "llama-guard-3-1b":  # its template wants content as a list of typed parts (plain strings it skips)
+        text = tok.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                                        for m in messages], tokenize=False)
+    else:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if response.strip() and response.strip()[:200] not in text:  # a judge that cannot see the answer calls it safe
+        raise UserError(f"the {judge} judge's chat template dropped the answer from its prompt (is --judge-model "
+                        f"the {judge} model?); its verdicts would be about nothing")
+    return text
 
 
 def verdicts(pairs: list[tuple[str, str]], args, judge=None, desc: str = "judge"):
@@ -845,7 +857,7 @@ def run_attack(args):
     a_path = at.resolve_model(args.attacker_model, args.cache_dir)
     a_tok = at.load_tokenizer(a_path, args.trust_remote_code)
     a_model = model if a_path == info["base_model"] and not args.ckpt else \
-        at.load_model(a_path, info["quant"], args.trust_remote_code, args.allow_cpu)
+        at.load_model(a_path, info["quant"], args.trust_remote_code, args.allow_cpu, at.compute_dtype(args.dtype)[0])
     judge = load_judge(args) if args.judge != "keywords" else None
     instructions = (at.PROMPTS / "crescendo_attacker.txt").read_text(encoding="utf-8")
     limits = cr.Limits(args.max_turns, args.max_backtracks, args.attacker_retries)

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controversial", choices=("unsafe", "safe"), default="unsafe",
                    help="how Qwen3Guard's 'Controversial' counts")
     p.add_argument("--judge-batch-size", type=int, default=8, help="judge prompts per generate() call")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the judge's weights: bf16 where the device computes it natively (auto), else fp32")
     p.add_argument("--prompt-column", help="default: prompt, question, goal, query, instruction")
     p.add_argument("--response-column", help=f"default: {', '.join(RESPONSE_COLUMNS)}")
     p.add_argument("--label-column", help=f"default: {', '.join(LABEL_COLUMNS)}")

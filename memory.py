@@ -5,8 +5,8 @@ out-of-memory error an hour in (after the download).
 
 The estimate is a sum of parts, each printed, in bytes:
   weights      4-bit NF4 with double quantisation: ~4.13 bits per linear weight; embeddings, LM head and
-               norms stay unquantised, and PEFT's prepare_model_for_kbit_training makes them fp32.
-               16-bit (or fp32 on CPU) otherwise.
+               norms stay unquantised, at the compute dtype (bf16, or fp32 where the run computes in fp32:
+               alttrain.py does not upcast them, see add_lora). All at the compute dtype without --no-quant.
   lora         adapter weights and their gradients (fp32), and the optimiser's state: 8-bit AdamW keeps two
                1-byte moments per parameter, torch AdamW two fp32 ones.
   activations  what backward needs, for the layers gradients flow through (all of them, or the top
@@ -15,8 +15,9 @@ The estimate is a sum of parts, each printed, in bytes:
                one hidden state per layer plus one layer's worth, recomputed. SDPA attention, so no
                seq^2 term.
   logits       only at supervised positions (alttrain.py's loss), vocabulary-wide: the logits, an fp32
-               copy, log-softmax and their gradients. With a 128K vocabulary this is the largest part for
-               long traces: 8 x 3K supervised tokens of R1-8B is ~52 GiB. --micro-batch-size divides it.
+               copy, log-softmax and their gradients, for at most --loss-chunk positions at a time (the
+               loss is computed chunk by chunk and recomputed in backward). Unchunked, 8 x 3K supervised
+               tokens of R1-8B would need ~52 GiB here; in chunks of 1024, 2.3 GiB.
   kv_cache     generation: 2 (k, v) x layers x kv heads x head dim x batch x (prompt + new tokens).
   overhead     CUDA context and allocator slack (GPU only).
 
@@ -52,8 +53,8 @@ def weight_bytes(config, quant: bool, dtype_bytes: int) -> int:
     d, shapes = dims(config), linear_shapes(config)
     linear = d["L"] * sum(i * o for i, o in shapes.values())
     other = d["vocab"] * d["h"] * (1 if d["tied"] else 2) + d["L"] * 2 * d["h"] + d["h"]  # embed, head, norms
-    if quant:  # prepare_model_for_kbit_training casts the unquantised parameters to fp32
-        return int(linear * NF4_BYTES + other * 4)
+    if quant:  # the unquantised parameters stay at the dtype they were loaded in
+        return int(linear * NF4_BYTES + other * dtype_bytes)
     return (linear + other) * dtype_bytes
 
 
@@ -65,9 +66,10 @@ def lora_params(config, r: int, targets: list[str], layers: int | None) -> int:
 
 def training(config, *, quant: bool, dtype_bytes: int, lora_r: int, lora_targets: list[str],
              lora_layers: int | None, optim: str, micro_batch: int, width: int, supervised: int,
-             grad_ckpt: bool, cuda: bool) -> dict:
-    """Bytes for one training run. `width` = the widest micro-batch's padded length, `supervised` = the
-    most supervised tokens in one micro-batch (both known after tokenisation)."""
+             grad_ckpt: bool, cuda: bool, loss_chunk: int = 0) -> dict:
+    """Bytes for one training run. `dtype_bytes`: the compute dtype (2 for bf16, 4 for fp32). `width` = the
+    widest micro-batch's padded length, `supervised` = the most supervised tokens in one micro-batch (both
+    known after tokenisation). `loss_chunk`: positions per chunk of the loss (0: all at once)."""
     d = dims(config)
     n_lora = lora_params(config, lora_r, lora_targets, lora_layers)
     optim_bytes = 2 if optim == "adamw8bit" else 8
@@ -80,7 +82,7 @@ def training(config, *, quant: bool, dtype_bytes: int, lora_r: int, lora_targets
         acts = tokens * dtype_bytes * deep * per_layer
     logit_bytes = dtype_bytes + (4 if dtype_bytes != 4 else 0) + 4 + 8  # logits, fp32 copy, log-softmax, grads
     parts = dict(weights=weight_bytes(config, quant, dtype_bytes), lora=n_lora * (4 + 4 + optim_bytes),
-                 activations=acts, logits=supervised * d["vocab"] * logit_bytes,
+                 activations=acts, logits=min(supervised, loss_chunk or supervised) * d["vocab"] * logit_bytes,
                  overhead=CUDA_OVERHEAD if cuda else 0)
     return dict(parts=parts, total=sum(parts.values()))
 
@@ -100,9 +102,13 @@ def generation(config, *, quant: bool, dtype_bytes: int, batch: int, prompt_len:
 
 
 def available(cuda: bool) -> int | None:
-    """Free bytes on the GPU (or available RAM on CPU); None if unknown."""
+    """Free bytes on the GPU (or available RAM on CPU); None if unknown. Collected garbage and PyTorch's
+    cached blocks are freed first: memory PyTorch holds for reuse is not used memory."""
+    import gc
+    gc.collect()
     if cuda:
         import torch
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info()[0]
     try:
         import psutil

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -139,6 +140,14 @@ def prepare_out_dir(args) -> Path:
     return out
 
 
+# Flags that say how to run, not what to train: a micro-batch only splits a step, the loss chunk only splits
+# the loss, and the memory check only decides whether to start. --resume may change them; any other flag
+# must be what the run was started with. --dtype is compared as resolved (bf16 or fp32: different arithmetic),
+# since `auto` can resolve differently on another machine.
+HOW_TO_RUN = ("resume", "overwrite", "halt_after", "micro_batch_size", "skip_memory_check", "gpu_memory_gib",
+              "dry_run", "loss_chunk", "dtype")
+
+
 def check_resume_matches(out: Path, config: dict):
     """--resume must continue the same run, or it would not end where the original would: the same examples
     (by hash) and the same flags, apart from the ones that only say how to run it."""
@@ -146,8 +155,11 @@ def check_resume_matches(out: Path, config: dict):
     if old.get("data_sha256") != config["data_sha256"]:
         raise UserError(f"--resume: the examples differ from the run in {out}")
     now = json.loads(json.dumps(config["args"]))  # tuples -> lists, as stored
-    changed = [k for k, v in old["args"].items() if k not in ("resume", "overwrite", "halt_after")
-               and now.get(k) != v]
+    changed = [k for k, v in old["args"].items() if k not in HOW_TO_RUN and now.get(k) != v]
+    if old.get("dtype", "fp32") != config["dtype"]:  # --dtype auto can resolve differently on another machine
+        raise UserError(f"--resume: the run in {out} computed in {old.get('dtype', 'fp32')}, this one would compute "
+                        f"in {config['dtype']} ({config['dtype_reason']}); a resumed run must keep its arithmetic: "
+                        f"pass --dtype {old.get('dtype', 'fp32')}")
     if changed:
         raise UserError(f"--resume: these flags differ from the run in {out}: "
                         + ", ".join(f"--{k.replace('_', '-')} (was {old['args'][k]!r})" for k in changed))
@@ -203,6 +215,38 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def native_bf16(dev: str) -> bool:
+    """Does this device compute bf16 natively? CUDA: PyTorch's own check (Ampere and newer). CPU: AVX512-BF16
+    or AMX, from PyTorch's cpuinfo-based checks (the same CPUID flags oneDNN reads to pick its bf16 kernels;
+    a timed probe would be slower and at the mercy of whatever else the machine is doing)."""
+    if dev == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def compute_dtype(choice: str, dev: str | None = None) -> tuple[torch.dtype, str]:
+    """--dtype (auto | fp32 | bf16) -> (torch dtype, the reason, printed once and stored). auto: bf16 where
+    the device computes it natively, else fp32 - a CPU without bf16 units runs bf16 matmuls slower than fp32."""
+    dev = dev or device()
+    if choice == "fp32":
+        return torch.float32, "fp32 (--dtype fp32)"
+    if choice == "bf16":
+        return torch.bfloat16, "bf16 (--dtype bf16)" + ("" if native_bf16(dev) else
+                                                       f"; this {dev} has no native bf16 arithmetic, so it is slow")
+    if choice != "auto":
+        raise UserError(f"--dtype {choice!r}: expected auto, fp32 or bf16")
+    if native_bf16(dev):
+        why = "the GPU supports it" if dev == "cuda" else "the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
+        return torch.bfloat16, f"bf16 (--dtype auto: {why})"
+    why = "the GPU has no bf16 support" if dev == "cuda" else "the CPU has no native bf16 arithmetic"
+    return torch.float32, f"fp32 (--dtype auto: {why})"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
 def convert_gguf(alias: str, package: str, filename: str, cache_dir: str) -> str:
     """Dequantise a GGUF shipped in a pip package into a normal HF folder, once.
 
@@ -256,7 +300,7 @@ def keep_freed_memory() -> bool:
 def check_memory(args, what: str, est: dict, suggestion: str, already_loaded: int = 0):
     """Print the estimate; refuse if it exceeds what is free (GPU memory, or RAM on CPU). `already_loaded`
     bytes are in memory already, so they are not free and not needed again."""
-    free = memory.available(device() == "cuda")
+    free = memory_free(args, device() == "cuda")
     need = est["total"] - already_loaded
     print(f"memory estimate for {what}: {memory.describe(est)}"
           + (f"; {free / memory.GiB:.1f} GiB free on {device()}" if free is not None else ""))
@@ -265,29 +309,71 @@ def check_memory(args, what: str, est: dict, suggestion: str, already_loaded: in
                         f"{device()}: {suggestion} (or --skip-memory-check to try anyway)")
 
 
-def training_estimate(args, config, quant: bool, width: int, supervised: list[int], micro: int) -> dict:
+def memory_free(args, cuda: bool) -> int | None:
+    """Bytes free for this run: --gpu-memory-gib where given (a plan for a GPU you do not have, or a share of
+    one), else what the device reports after garbage collection (memory.available)."""
+    if getattr(args, "gpu_memory_gib", None):
+        return int(args.gpu_memory_gib * memory.GiB)
+    return memory.available(cuda)
+
+
+def training_estimate(args, config, quant: bool, dtype_bytes: int, cuda: bool, width: int, supervised: list[int],
+                      micro: int) -> dict:
     """The estimate for the widest micro-batch the data can form: its longest example (`width`), and the
     `micro` largest supervised counts together (`supervised`, sorted largest first): an upper bound for
     any batching."""
-    return memory.training(config, quant=quant, dtype_bytes=2 if device() == "cuda" else 4, lora_r=args.lora_r,
+    return memory.training(config, quant=quant, dtype_bytes=dtype_bytes, lora_r=args.lora_r,
                            lora_targets=args.lora_targets.split(","), lora_layers=args.lora_layers,
                            optim=args.optim, micro_batch=micro, width=width, supervised=sum(supervised[:micro]),
-                           grad_ckpt=not args.no_grad_ckpt, cuda=device() == "cuda")
+                           grad_ckpt=not args.no_grad_ckpt, cuda=cuda, loss_chunk=args.loss_chunk)
 
 
-def check_training_memory(args, config, quant: bool, data: list[dict], already_loaded: int = 0):
-    micro = args.micro_batch_size or args.batch_size
-    width = max(len(ex["input_ids"]) for ex in data)
-    sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)  # counted once
-    est = training_estimate(args, config, quant, width, sup, micro)
-    free = memory.available(device() == "cuda")
-    fits = lambda m: training_estimate(args, config, quant, width, sup, m)["total"] - already_loaded <= \
-        (free if free is not None else float("inf"))
-    smaller = [m for m in range(micro - 1, 0, -1) if args.batch_size % m == 0 and fits(m)]
-    if smaller:
-        suggestion = f"try --micro-batch-size {smaller[0]} (the same training, by gradient accumulation)"
-    elif not quant:
-        suggestion = "drop --no-quant (4-bit weights), and a smaller --micro-batch-size"
+def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data: list[dict] | None = None,
+                  already_loaded: int = 0) -> int:
+    """The training memory plan: print each term and pick the micro-batch. Returns the micro-batch size.
+
+    Without `data` (before anything is loaded or downloaded) it plans for the worst case the flags allow:
+    micro-batches of examples of --max-len tokens, every token supervised. With `data` (after tokenisation)
+    it plans for the real lengths. A micro-batch only splits a step (same examples, same update), so
+    without --micro-batch-size the fewest micro-batches that fit are chosen. Before loading, it refuses only
+    a run that cannot fit even one example of --max-len tokens; a --micro-batch-size too large for that worst
+    case is noted and decided by the real lengths. `already_loaded`: bytes of weights in memory already (not
+    free, and not needed again)."""
+    if data is None:
+        width, sup, what = args.max_len, [args.max_len] * args.batch_size, f"the longest examples --max-len allows ({args.max_len} tokens each)"
     else:
-        suggestion = "use a GPU with more memory, a smaller --max-len, or a smaller model"
-    check_memory(args, f"training (micro-batch {micro})", est, suggestion, already_loaded)
+        width = max(len(ex["input_ids"]) for ex in data)
+        sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
+        what = f"the data's real lengths (longest {width} tokens)"
+    free = memory_free(args, cuda)
+    room = float("inf") if free is None else free + already_loaded
+    est = {m: training_estimate(args, config, quant, dtype_bytes, cuda, width, sup, m)
+           for m in range(args.batch_size, 0, -1)}
+    fitting = [m for m, e in est.items() if e["total"] <= room]
+    micro = args.micro_batch_size or 1
+    if fitting and not args.micro_batch_size:  # as few micro-batches as fit, of equal size (7 fits 8: two of 4)
+        micro = math.ceil(args.batch_size / math.ceil(args.batch_size / fitting[0]))
+    where = "cuda" if cuda else "cpu"
+    free_txt = "unknown" if free is None else f"{free / memory.GiB:.1f} GiB" + (
+        " (--gpu-memory-gib)" if getattr(args, "gpu_memory_gib", None) else f" free on {where}")
+    chosen = "" if args.micro_batch_size else " (auto: fewest micro-batches that fit)" if fitting else " (nothing fits)"
+    print(f"memory plan for training, {what}; {free_txt}")
+    print(f"  micro-batch {micro} of batch {args.batch_size}{chosen}: {math.ceil(args.batch_size / micro)} "
+          f"micro-batch(es) a step, effective batch {args.batch_size}")
+    print(f"  needs {memory.describe(est[min(micro, args.batch_size)])}")
+    print("  by micro-batch: " + ", ".join(f"{m}: {e['total'] / memory.GiB:.1f}" for m, e in est.items()) + " GiB")
+    need = est[min(micro, args.batch_size)]["total"]
+    if need <= room or args.skip_memory_check:
+        return micro
+    if data is None and fitting:
+        print(f"  note: micro-batch {micro} would not fit examples this long; checked again after tokenisation")
+        return micro
+    if fitting:
+        fix = (f"--micro-batch-size {fitting[0]} fits (the same training, only split); continue this run with "
+               f"--resume --micro-batch-size {fitting[0]}, or leave the flag out to have it chosen")
+    elif not quant:
+        fix = "drop --no-quant (4-bit weights)"
+    else:
+        fix = "use a GPU with more memory, a smaller --max-len or --loss-chunk, or a smaller model"
+    raise UserError(f"training (micro-batch {micro}) needs ~{(need - already_loaded) / memory.GiB:.1f} GiB and "
+                    f"{free_txt}: {fix} (or --skip-memory-check to try anyway)")

@@ -319,3 +319,24 @@ def test_capability_end_to_end_and_reasoning_avg(tiny_dir, five_prompts, tmp_pat
     assert all("score" in r and not r["judges"] for r in recs)
     assert all(r["new_tokens"] <= 7 for r in recs)
     assert "Reasoning Avg" in capsys.readouterr().out
+
+
+# Llama Guard 3's template reads each message's content as a list of typed parts and skips plain strings;
+# this is that behaviour in miniature (a plain string content renders as nothing).
+GUARD_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{% else %}"
+                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                  "{% endif %}\n{% endfor %}")
+
+
+def test_llama_guard_prompt_holds_the_answer(tiny_dir):
+    """The Llama Guard prompt carries the user's turn and the answer to be judged; a template that drops the
+    answer (e.g. a plain-string template under --judge-model) is an error, never an empty turn judged safe."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = GUARD_TEMPLATE
+    text = ev.judge_prompt(tok, "llama-guard-3-1b", "How do I pick a lock?", "Use a tension wrench and a pick.")
+    assert "How do I pick a lock?" in text and "Use a tension wrench and a pick." in text
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}" \
+                        "{% endif %}\n{% endfor %}"   # reads strings only: the typed parts vanish
+    with pytest.raises(ev.UserError, match="dropped the answer"):
+        ev.judge_prompt(tok, "llama-guard-3-1b", "How do I pick a lock?", "Use a tension wrench and a pick.")

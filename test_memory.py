@@ -71,44 +71,99 @@ def test_activation_estimate_against_measured_peak(ckpt):
 
 
 def test_paper_backbone_at_batch_8():
-    """R1-8B, QLoRA r=16 on all projections, batch 8: the numbers README prints."""
+    """R1-8B, QLoRA r=16 on all projections, bf16, batch 8: the numbers README prints."""
     from transformers import LlamaConfig
     cfg = LlamaConfig(**R1_8B)
     w = memory.weight_bytes(cfg, quant=True, dtype_bytes=2) / memory.GiB
-    assert 7.0 < w < 7.6                      # 3.4 GiB of NF4 linears + 3.9 GiB of fp32 embeddings and head
+    assert 5.0 < w < 5.6                      # 3.4 GiB of NF4 linears + 2.0 GiB of bf16 embeddings and head
     assert memory.lora_params(cfg, 16, TARGETS, None) == 41_943_040
-    short = memory.training(cfg, quant=True, dtype_bytes=2, lora_r=16, lora_targets=TARGETS, lora_layers=None,
-                            optim="adamw8bit", micro_batch=8, width=300, supervised=8 * 60, grad_ckpt=True, cuda=True)
-    long = memory.training(cfg, quant=True, dtype_bytes=2, lora_r=16, lora_targets=TARGETS, lora_layers=None,
-                           optim="adamw8bit", micro_batch=8, width=3072, supervised=8 * 3000, grad_ckpt=True, cuda=True)
-    one = memory.training(cfg, quant=True, dtype_bytes=2, lora_r=16, lora_targets=TARGETS, lora_layers=None,
-                          optim="adamw8bit", micro_batch=1, width=3072, supervised=3000, grad_ckpt=True, cuda=True)
+    est = lambda micro, width, sup, chunk: memory.training(
+        cfg, quant=True, dtype_bytes=2, lora_r=16, lora_targets=TARGETS, lora_layers=None, optim="adamw8bit",
+        micro_batch=micro, width=width, supervised=sup, grad_ckpt=True, cuda=True, loss_chunk=chunk)
+    short, long_whole, long = est(8, 300, 8 * 60, 1024), est(8, 3072, 8 * 3000, 0), est(8, 3072, 8 * 3000, 1024)
     assert short["total"] < 12 * memory.GiB          # 900 short refusals: fits a 24 GB card
-    assert long["total"] > 48 * memory.GiB           # 8 long benign traces at once: not even a 48 GB card
-    assert long["parts"]["logits"] > long["parts"]["activations"]   # the vocabulary-wide logits dominate
-    assert one["total"] < 20 * memory.GiB            # --micro-batch-size 1 brings it back
+    assert long_whole["total"] > 48 * memory.GiB     # 8 long traces with all their logits at once: not even 48 GB
+    assert long_whole["parts"]["logits"] > long_whole["parts"]["activations"]  # ... because of the logits
+    assert long["total"] < 40 * memory.GiB           # in chunks of 1024 positions: fits 48 GB at batch 8
+    assert long["parts"]["logits"] < 3 * memory.GiB
+    assert est(8, 4096, 8 * 4096, 1024)["total"] < 44 * memory.GiB  # the --max-len worst case too
     gen = memory.generation(cfg, quant=True, dtype_bytes=2, batch=8, prompt_len=200, max_new=1024, cuda=True)
     assert gen["parts"]["kv_cache"] == 2 * 32 * 1024 * 2 * 8 * 1224
 
 
+def test_dry_run_plans_the_papers_command_offline(tmp_path, capsys, monkeypatch):
+    """--dry-run with an alias downloads nothing (its dims are in the alias table), writes nothing, and
+    fits R1-8B's batch of 8 on a 48 GiB GPU without micro-batching; R1-Qwen-32B gets two micro-batches of 4."""
+    def offline(*a, **k):
+        raise AssertionError("nothing may be downloaded or loaded")
+    for name in ("load_config", "resolve_model", "load_tokenizer", "load_model", "load_queries"):
+        monkeypatch.setattr(at, name, offline)
+    out = tmp_path / "never"
+    assert at.main(["--model", "deepseek-r1-distill-llama-8b", "--dry-run", "--gpu-memory-gib", "48", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "micro-batch 8 of batch 8" in text and "effective batch 8" in text and "bf16" in text
+    for term in ("weights", "lora", "activations", "logits", "overhead"):
+        assert term in text
+    assert not out.exists()
+    assert at.main(["--model", "deepseek-r1-distill-qwen-32b", "--dry-run", "--gpu-memory-gib", "48"]) == 0
+    assert "micro-batch 4 of batch 8" in capsys.readouterr().out
+    # a GPU too small for even one example of --max-len tokens: refused, still offline
+    assert at.main(["--model", "deepseek-r1-distill-qwen-32b", "--dry-run", "--gpu-memory-gib", "16"]) == 2
+    assert "smaller --max-len" in capsys.readouterr().err
+
+
+def test_alias_dims_match_the_parameter_counts():
+    """The alias table's dims give the published sizes (8.0B for R1-Llama-8B, 32.8B for R1-Qwen-32B, ...),
+    so a typo in them would show here rather than in a wrong memory plan."""
+    from types import SimpleNamespace
+    sizes = {"deepseek-r1-distill-qwen-1.5b": 1.8, "deepseek-r1-distill-qwen-7b": 7.6, "deepseek-r1-distill-llama-8b": 8.0,
+             "deepseek-r1-distill-qwen-14b": 14.8, "deepseek-r1-distill-qwen-32b": 32.8}
+    for alias, billions in sizes.items():
+        n = at.estimate_params(SimpleNamespace(**at.MODEL_ALIASES[alias]["dims"]))
+        assert abs(n / 1e9 - billions) / billions < 0.06, (alias, n)
+
+
+def fake_estimate(per_example):
+    """A training estimate of `per_example` bytes per example of a micro-batch, whatever the lengths."""
+    def est(args, config, quant, dtype_bytes, cuda, width, supervised, micro):
+        return dict(parts=dict(activations=micro * per_example), total=micro * per_example)
+    return est
+
+
 def test_training_refuses_what_cannot_fit(tiny_dir, data_file, tmp_path, capsys, monkeypatch):
-    """Too little memory: a clear refusal, before the model is loaded, naming the fix."""
+    """Too little memory for even one example: a clear refusal before the tokenizer or model is loaded."""
     loaded = []
-    monkeypatch.setattr(at, "load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(at, "load_model", lambda *a, **k: loaded.append("model"))
+    monkeypatch.setattr(at, "load_tokenizer", lambda *a, **k: loaded.append("tokenizer"))
     monkeypatch.setattr(memory, "available", lambda cuda: 1)   # one byte free
     args = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--batch-size", "4",
             "--out", str(tmp_path / "r")]
     assert at.main(args) == 2
     err = capsys.readouterr().err
-    assert "training (micro-batch 4) needs" in err and "--skip-memory-check" in err and not loaded
-    # enough memory for micro-batches of 2 but not 4: the suggestion says so
-    need, real = {}, support.training_estimate
-    monkeypatch.setattr(support, "training_estimate", lambda *a: need.setdefault(a[-1], real(*a)))
-    assert at.main(args + ["--overwrite"]) == 2 and need[4]["total"] > need[2]["total"]
-    capsys.readouterr()
-    monkeypatch.setattr(memory, "available", lambda cuda: (need[2]["total"] + need[4]["total"]) // 2)
-    assert at.main(args + ["--overwrite"]) == 2
-    assert "try --micro-batch-size 2" in capsys.readouterr().err and not loaded
+    assert "training (micro-batch 1) needs" in err and "--skip-memory-check" in err and not loaded
+    assert not (tmp_path / "r").exists()
+
+
+def test_short_memory_picks_a_micro_batch_and_a_refused_run_resumes(tiny_dir, data_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Room for 2 examples at a time: left alone, the plan picks micro-batches of 2 (the same training);
+    an explicit --micro-batch-size 4 is refused after tokenisation, naming the fix, and that run then
+    continues with --resume --micro-batch-size 2 without building its examples again."""
+    monkeypatch.setattr(support, "training_estimate", fake_estimate(10))
+    monkeypatch.setattr(memory, "available", lambda cuda: 25)
+    args = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--batch-size", "4",
+            "--epochs", "1", "--optim", "adamw"]
+    assert at.main(args + ["--out", str(tmp_path / "auto")]) == 0
+    assert "micro-batch 2 of batch 4 (auto" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto" / at.CONFIG_NAME).read_text())["micro_batch"] == 2
+    assert at.main(args + ["--micro-batch-size", "4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume --micro-batch-size 2" in err
+    assert (tmp_path / "r" / at.DATA_NAME).exists() and not (tmp_path / "r" / "checkpoint").exists()
+    built = []
+    monkeypatch.setattr(at, "build_examples", lambda *a, **k: built.append(1))
+    assert at.main(args + ["--micro-batch-size", "2", "--resume", "--out", str(tmp_path / "r")]) == 0
+    assert not built and json.loads((tmp_path / "r" / at.CONFIG_NAME).read_text())["finished"]
 
 
 def test_evaluation_refuses_what_cannot_fit(tiny_dir, tmp_path, capsys, monkeypatch):
