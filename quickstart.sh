@@ -8,11 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
+# --dtype auto: bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32. DTYPE=fp32 forces fp32.
+DTYPE=${DTYPE:-auto}
 TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl data/math_gsm_style.jsonl"
 # keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). All held-out prompts:
 # 40 harmful, 20 plain benign, 20 benign-but-scary, 20 math. Batch 40: each set in one batch (the same
 # answers as batch 20 and 16, and faster on 2 cores: README, quick-start section).
-EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 40"
+EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-size 40 --dtype $DTYPE"
 # CPU settings, not the paper's recipe: plain LoRA (4-bit only saves memory we have), a high learning rate
 # and 2 epochs instead of 1e-5 x 15, no gradient checkpointing (a 135M model fits without it, and it costs
 # recomputation). LoRA r=16 on all seven projections of all layers, as in the paper. Every query of
@@ -21,7 +23,8 @@ EVAL="--judge keywords --max-new-tokens 160 --math-max-new-tokens 256 --batch-si
 # --ha-weight 20: the assessment's tokens count 20x in the loss (the verdict is a few tokens of each example);
 # not the paper's recipe. What it changed, and the seed noise around it: README, quick-start section.
 TRAIN="--model smollm2-135m --data data/train.jsonl --n-harmful all --n-benign all --ha-model template
-       --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --ha-weight 20 --save-every 20"
+       --no-quant --optim adamw --no-grad-ckpt --lr 2e-3 --epochs 2 --batch-size 8 --ha-weight 20 --save-every 20
+       --dtype $DTYPE"
 start=$(date +%s)
 
 python eval.py --model smollm2-135m --bench $TEST $EVAL --out "$OUT/before"
