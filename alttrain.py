@@ -23,22 +23,35 @@ Features
     ablations and baselines from the same queries (--structure no-pu | no-ha | no-cr | direct-refusal |
     original, --cr-refusals for other refusal wordings); --data star1 trains on STAR-1 as released.
   * QLoRA SFT in a plain PyTorch loop (no Trainer): 4-bit NF4 base with double quantisation, LoRA on all
-    linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing and accumulation,
-    length-grouped batches, loss only on the response (EOS included) normalised per supervised token.
+    linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing, length-grouped
+    batches, loss only on the response (EOS included) normalised per supervised token of the step.
+  * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AVX512-BF16 or
+    AMX): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
+    and the loss stay fp32. Elsewhere fp32.
+  * Steps are formed at --batch-size; a micro-batch only splits a step (gradients add up), so micro-batches
+    of 8, 2 or 1 are the same training. The LM head + loss run in chunks of --loss-chunk positions,
+    recomputed in backward, so a batch of long traces never holds all its vocabulary-wide logits.
+  * A memory plan from the backbone's dims (in the alias table: no download) before anything is loaded,
+    again after tokenisation with the real lengths: it picks the micro-batch, or refuses in seconds with
+    the fix. --dry-run prints it (--gpu-memory-gib plans for a GPU you do not have).
+  * R1-Act's system prompt per backbone (Llama's or Qwen's) by default for the R1 and s1.1 aliases, stored
+    in the run so that eval.py uses it too.
   * A data file may carry each query's own assessment sentence (an `ha` column), used as HA when it agrees
     with the label - as the paper's GPT-4o sentences were written ahead of training.
   * --ha-weight W makes the assessment sentence's tokens count W times in the loss (default 1: the paper's
     plain SFT): the verdict is a few tokens among many. The CPU quick start uses 20 (README.md).
   * Checkpoints (adapter, optimiser, schedule position, RNG) every --save-every steps; --resume continues
-    a killed run and ends with the same adapter as an uninterrupted one.
-  * The memory a run needs is estimated from the model's config and checked before anything is loaded
-    (memory.py): a run that cannot fit is refused in seconds, with a suggestion.
+    a killed or refused run (with another --micro-batch-size if need be) and ends with the same adapter as
+    an uninterrupted one; the built examples (and their assessments) are never written twice.
 
 Tradeoffs
   * The defaults are R1-Act's recipe (r=16, alpha=16, lr 1e-5, 15 epochs, batch 8). They are slow to move
     a model; the CPU quick start in README.md uses a higher lr and fewer epochs on a 135M model.
   * 4-bit weights save memory at some speed cost (dequantisation in every matmul); --no-quant trains
-    plain LoRA over full-precision weights, faster where memory allows.
+    plain LoRA over unquantised weights, faster where memory allows.
+  * The chunked loss computes the LM head twice for batches over --loss-chunk supervised positions (once
+    more in backward); batches under it are one chunk, computed once. The frozen embeddings, LM head and
+    norms stay bf16 (not upcast to fp32 as PEFT's prepare_model_for_kbit_training would).
   * On CPU, memory freed by one step is kept for the next (keep_freed_memory: glibc would unmap and
     re-fault the logits every step): 20% faster steps in bench/, 6% less training time over the whole
     quick start; the process holds on to its peak memory until it ends.
@@ -46,6 +59,7 @@ Tradeoffs
     without a <think> block gives no reasoning to keep: see README.md for what that changes.
 
 Usage
+    python alttrain.py --model deepseek-r1-distill-llama-8b --dry-run --gpu-memory-gib 48   # its memory plan
     python alttrain.py --model deepseek-r1-distill-llama-8b                 # the paper's recipe, one GPU
     python alttrain.py --model smollm2-135m --data data/train.jsonl ...     # CPU, see README quick start
     python alttrain.py --help                                               # every flag, grouped

@@ -11,7 +11,7 @@ Steps (each a section below)
   1. Benchmarks: strongreject, jbb, wildjailbreak and JailbreakBench's GCG/PAIR/JBC jailbreak prompts
      (harmful), xstest (benign: over-refusal), the paper's reasoning sets (gsm8k, math500, aime24,
      humaneval; also mmlu) and general tasks (nq, cmmlu, cnndm), multi-turn conversations, or local files.
-  2. Generation: the chat template exactly as in training (one <think>, no system prompt), greedy with
+  2. Generation: the chat template exactly as in training (one <think>, the run's system prompt), greedy with
      1024 new tokens as in R1-Act, batched with left padding. Each answer is appended to
      <out>/<bench>.jsonl as soon as it exists, so a killed run resumes where it stopped.
   3. Judging: Qwen3Guard-Gen-0.6B reads (prompt, final answer) -> Safety and Refusal. Verdicts are stored

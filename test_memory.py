@@ -182,7 +182,7 @@ def test_gpu_check_stops_clearly_without_cuda(tmp_path):
         pytest.skip("checks the CPU-only path")
     p = subprocess.run([sys.executable, str(at.HERE / "bench" / "gpu_check.py"), "--skip-tests",
                         "--out", str(tmp_path / "g.json")], capture_output=True, text=True)
-    assert p.returncode == 2 and "steps 2-5" in p.stdout and "need a GPU" in p.stdout
+    assert p.returncode == 2 and "steps 2-6" in p.stdout and "need a GPU" in p.stdout
     assert json.loads((tmp_path / "g.json").read_text())["stopped"].startswith("no CUDA")
 
 

@@ -10,11 +10,16 @@ model). Run it on the GPU you will train on, before the hour-long download of an
      a run killed (--halt-after) and resumed ends with the same adapter as an uninterrupted one, and the
      --merge output loads and generates
   3. eval.py on the SmolLM2 run: batched generation (16, left-padded) gives the answers of one at a time
-  4. speed and memory: training tokens/s and peak GPU memory at micro-batches 1/4/8, generation answers/s and
-     peak at batches 1/8/32, each beside memory.py's estimate (so the estimate is checked on a GPU too)
-  5. ours against TRL's SFTTrainer on the same GPU (bench/bench_train.py, needs bench/requirements.txt)
+  4. speed and memory: training tokens/s and peak GPU memory at micro-batches 1/4/8 (bf16 autocast, the loss in
+     chunks), generation answers/s and peak at batches 1/8/32, each beside memory.py's estimate (so the estimate
+     is checked on a GPU too)
+  5. the GPU recipe's paths: --dtype auto picks bf16 and the run records it; the chunked loss equals the
+     unchunked one under bf16 autocast, and at 8 x 2048 supervised positions of a 49K vocabulary it needs less
+     peak memory; a --gpu-memory-gib too small for micro-batch 8 makes the plan choose a smaller one (printed,
+     recorded) and the adapter matches the micro-batch-8 run; R1-8B's --dry-run plan fits 48 GiB at batch 8
+  6. ours against TRL's SFTTrainer on the same GPU (bench/bench_train.py, needs bench/requirements.txt)
 
-Without CUDA it runs step 1 on the CPU, then stops and says that steps 2-5 need a GPU (exit code 2).
+Without CUDA it runs step 1 on the CPU, then stops and says that steps 2-6 need a GPU (exit code 2).
 Every step's outcome, pass or fail, is recorded; one failure does not hide the others.
 """
 from __future__ import annotations
@@ -104,7 +109,7 @@ def step_speed_memory(results: list, table: list):
     tok = at.load_tokenizer(path)
     config = at.load_config(path)
     args = at.build_parser().parse_args(["--optim", "adamw8bit"])
-    model = at.add_lora(at.load_model(path, quant=True), args, quant=True)
+    model = at.add_lora(at.load_model(path, quant=True, dtype=torch.bfloat16), args, quant=True)
     opt = at.make_optimizer(model, args)
     width = 512
     for micro in (1, 4, 8):
@@ -115,12 +120,15 @@ def step_speed_memory(results: list, table: list):
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         for _ in range(3):
-            at.response_loss_sum(model, batch).div(1e3).backward()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = at.response_loss_sum(model, batch, args.loss_chunk).div(1e3)
+            loss.backward()
             opt.step(); opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         est = memory.training(config, quant=True, dtype_bytes=2, lora_r=16, lora_targets=args.lora_targets.split(","),
                               lora_layers=None, optim="adamw8bit", micro_batch=micro, width=width,
-                              supervised=int((labels[:, 1:] != -100).sum()), grad_ckpt=True, cuda=True)
+                              supervised=int((labels[:, 1:] != -100).sum()), grad_ckpt=True, cuda=True,
+                              loss_chunk=args.loss_chunk)
         table.append(dict(what="train", batch=micro, tokens_per_s=round(3 * micro * width / (time.time() - t0)),
                           peak_gib=round(torch.cuda.max_memory_allocated() / memory.GiB, 3),
                           estimate_gib=round((est["total"] - est["parts"]["overhead"]) / memory.GiB, 3)))
@@ -138,6 +146,62 @@ def step_speed_memory(results: list, table: list):
                           estimate_gib=round((est["total"] - est["parts"]["overhead"]) / memory.GiB, 3)))
     worst = max(max(r["peak_gib"] / r["estimate_gib"], r["estimate_gib"] / r["peak_gib"]) for r in table)
     record(results, "memory.py estimate within 1.5x of the measured peak", worst <= 1.5, f"worst ratio {worst:.2f}")
+
+
+def step_recipe_paths(work: Path, results: list):
+    """Step 5: bf16 by default, the chunked loss, the automatic micro-batch, the paper's plan."""
+    import torch
+    ok = torch.cuda.is_bf16_supported()
+    cfg = json.loads((work / "tiny-a" / at.CONFIG_NAME).read_text()) if (work / "tiny-a" / at.CONFIG_NAME).exists() else {}
+    record(results, "--dtype auto picks bf16 on this GPU", ok and cfg.get("dtype") == "bf16",
+           f"bf16 supported: {ok}; the tiny run recorded {cfg.get('dtype')!r} ({cfg.get('dtype_reason')})")
+    # chunked = unchunked under autocast, and lighter
+    path = at.resolve_model("smollm2-135m")
+    args = at.build_parser().parse_args(["--optim", "adamw"])
+    model = at.add_lora(at.load_model(path, quant=True, dtype=torch.bfloat16), args, quant=True)
+    ids = torch.randint(100, 40000, (8, 2048), device="cuda")
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+    seen = {}
+    for chunk in (0, 1024):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = at.response_loss_sum(model, batch, chunk) / ids.numel()
+        loss.backward()
+        grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        seen[chunk] = (loss.item(), grad, torch.cuda.max_memory_allocated() / memory.GiB)
+    (l0, g0, m0), (l1, g1, m1) = seen[0], seen[1024]
+    rel = float((g0 - g1).norm() / g0.norm())
+    record(results, "chunked loss = unchunked (bf16 autocast)", abs(l0 - l1) / abs(l0) < 1e-3 and rel < 1e-2,
+           f"loss {l0:.5f} vs {l1:.5f}, gradient relative difference {rel:.1e}")
+    record(results, "chunked loss needs less peak memory (8 x 2048 supervised)", m1 < m0,
+           f"peak {m0:.2f} GiB unchunked -> {m1:.2f} GiB in chunks of 1024")
+    del model
+    # the plan picks a smaller micro-batch when told the GPU is small, and that is the same training: room for
+    # half-way between micro-batches of 4 and of 8 of the SmolLM2 run's own examples
+    import support
+    full, small = work / "smollm2-135m-a", work / "smollm2-135m-micro"
+    tok = at.load_tokenizer(str(full))
+    run_cfg = json.loads((full / at.CONFIG_NAME).read_text())
+    data = [at.encode_example(tok, e["query"], e["response"], run_cfg["args"]["system_prompt"])
+            for e in map(json.loads, open(full / at.DATA_NAME))]
+    targs = at.parse_args(["--batch-size", "8", "--max-len", "256"])
+    width = max(len(ex["input_ids"]) for ex in data)
+    sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
+    est = lambda m: support.training_estimate(targs, at.load_config(path), True, 2, True, width, sup, m)["total"]
+    room = (est(8) + est(4)) / 2 / memory.GiB
+    ok1, tail = train_cli("smollm2-135m", small, "--overwrite", "--gpu-memory-gib", f"{room:.4f}", "--max-len", "256")
+    cfg = json.loads((small / at.CONFIG_NAME).read_text()) if ok1 else {}
+    diff = adapter_diff(full, small) if ok1 else float("nan")
+    record(results, "auto micro-batch under a small --gpu-memory-gib, same adapter",
+           ok1 and cfg.get("micro_batch", 8) < 8 and diff < 1e-2,
+           f"{room:.3f} GiB: micro-batch {cfg.get('micro_batch')}, max |adapter difference| vs micro 8: {diff:.2e}"
+           if ok1 else tail)
+    plan = subprocess.run([sys.executable, "alttrain.py", "--model", "deepseek-r1-distill-llama-8b", "--dry-run",
+                           "--gpu-memory-gib", "48"], cwd=c.ROOT, capture_output=True, text=True)
+    line = next((l for l in plan.stdout.splitlines() if "needs" in l), plan.stderr.strip()[-200:])
+    record(results, "R1-8B --dry-run fits 48 GiB at batch 8",
+           plan.returncode == 0 and "micro-batch 8 of batch 8" in plan.stdout, line.strip())
 
 
 def record(results: list, check: str, ok: bool, detail: str):
@@ -160,16 +224,17 @@ def main(argv=None) -> int:
         record(results, f"test suite ({'CUDA visible' if torch.cuda.is_available() else 'CPU only'})", ok, tail)
     code = 0
     if not torch.cuda.is_available():
-        print("CUDA is not available: steps 2-5 (4-bit bf16 training, resume, merge, batched generation, GPU speed "
-              "and memory, ours vs TRL) need a GPU. Nothing more to check here.")
-        report["stopped"] = "no CUDA: steps 2-5 need a GPU"
+        print("CUDA is not available: steps 2-6 (4-bit bf16 training, resume, merge, batched generation, GPU speed "
+              "and memory, the recipe's bf16/chunked-loss/micro-batch paths, ours vs TRL) need a GPU. Nothing more "
+              "to check here.")
+        report["stopped"] = "no CUDA: steps 2-6 need a GPU"
         code = 2
     else:
         report["gpu"] = torch.cuda.get_device_name(0)
         work = Path(a.work)
         work.mkdir(parents=True, exist_ok=True)
         for step in (lambda: step_training(work, results), lambda: step_batched_equals_single(work, results),
-                     lambda: step_speed_memory(results, table)):
+                     lambda: step_speed_memory(results, table), lambda: step_recipe_paths(work, results)):
             try:
                 step()
             except Exception as e:  # record and go on: one failure must not hide the other checks
