@@ -29,8 +29,8 @@ chunk, batch, width = {chunk}, {batch}, {width}
 cfg = LlamaConfig(vocab_size=128256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
 args = at.build_parser().parse_args(["--no-grad-ckpt", "--loss-chunk", str(chunk)])
+torch.manual_seed(0)  # the same model and batch in every process
 model = at.add_lora(LlamaForCausalLM(cfg), args, quant=False)
-torch.manual_seed(0)
 ids = torch.randint(0, cfg.vocab_size, (batch, width)); labels = ids.clone(); labels[:, : width // 4] = -100
 rss = lambda f: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(f))
 gc.collect(); open("/proc/self/clear_refs", "w").write("5"); base = rss("VmRSS:")
