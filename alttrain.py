@@ -27,7 +27,8 @@ Features
     batches, loss only on the response (EOS included) normalised per supervised token of the step.
   * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AVX512-BF16 or
     AMX): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
-    and the loss stay fp32. Elsewhere fp32.
+    and the loss stay fp32. Elsewhere fp32. On CPU the loop uses eager attention (--attention auto: faster
+    than PyTorch's CPU SDPA backward at short lengths), on CUDA SDPA.
   * Steps are formed at --batch-size; a micro-batch only splits a step (gradients add up), so micro-batches
     of 8, 2 or 1 are the same training. The LM head + loss run in chunks of --loss-chunk positions,
     recomputed in backward, so a batch of long traces never holds all its vocabulary-wide logits.
@@ -87,7 +88,7 @@ import memory
 # Plumbing that is not the method (support.py): errors, files, the run folder and checkpoints, this machine,
 # memory checks. Imported by name, so `alttrain.atomic_write` etc. keep working for eval.py and the tests.
 from support import (CONFIG_NAME, DATA_NAME, LOG_NAME, UserError, atomic_write, check_memory,
-                     check_resume_matches, cli, compute_dtype, convert_gguf, device, dtype_name, find_column,
+                     attention_for, check_resume_matches, cli, compute_dtype, convert_gguf, device, dtype_name, find_column,
                      hub_dataset, keep_freed_memory, load_checkpoint, plan_training, prepare_out_dir, read_table,
                      save_checkpoint, save_final, sha256_file, write_jsonl)
 
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "is normalised per step, so this also sets how examples weigh: README, Training details")
     g.add_argument("--max-len", type=int, default=4096, help="longer examples are dropped and counted")
     g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
+    g.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
+                   help="attention kernel for training: auto = eager on CPU (faster there at short lengths, "
+                        "seq^2 memory counted by the plan), sdpa on CUDA")
     g.add_argument("--ha-weight", type=float, default=1.0,
                    help="loss weight of the assessment (HA) sentence's tokens, others 1 (paper: 1, plain SFT). "
                         "The verdict is a few tokens against hundreds of trace tokens; a small model may need "
@@ -907,6 +911,9 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     # bf16: the forward runs under autocast (matmuls in bf16), backward follows it; the LoRA weights and their
     # gradients stay fp32, and chunk_loss computes the loss in fp32. fp32: autocast is off, nothing changes.
     autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    # the attention kernel for the loop (support.attention_for: eager on CPU, SDPA on CUDA); the same attention
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(attention_for(args.attention, dev.type))
     computed = real = supervised = 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")

@@ -12,8 +12,9 @@ The estimate is a sum of parts, each printed, in bytes:
   activations  what backward needs, for the layers gradients flow through (all of them, or the top
                --lora-layers): per token and layer ~ 7h + 2 kv + 4 intermediate values (attention
                inputs and outputs, q/k/v, the MLP's gate/up/act/product) without checkpointing; with it,
-               one hidden state per layer plus one layer's worth, recomputed. SDPA attention, so no
-               seq^2 term.
+               one hidden state per layer plus one layer's worth, recomputed. SDPA attention keeps no
+               seq^2 term; eager attention (alttrain.py's default on CPU) keeps each layer's attention
+               probabilities, heads x seq^2 per sequence (fp32 softmax output, and a bf16 copy under bf16).
   logits       only at supervised positions (alttrain.py's loss), vocabulary-wide: the logits, an fp32
                copy, log-softmax and their gradients, for at most --loss-chunk positions at a time (the
                loss is computed chunk by chunk and recomputed in backward). Unchunked, 8 x 3K supervised
@@ -37,7 +38,7 @@ def dims(config) -> dict:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     inter = getattr(config, "intermediate_size", None) or 4 * h
-    return dict(h=h, L=L, q=heads * head_dim, kv=kv_heads * head_dim, inter=inter, vocab=config.vocab_size,
+    return dict(h=h, L=L, heads=heads, q=heads * head_dim, kv=kv_heads * head_dim, inter=inter, vocab=config.vocab_size,
                 tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
@@ -66,10 +67,11 @@ def lora_params(config, r: int, targets: list[str], layers: int | None) -> int:
 
 def training(config, *, quant: bool, dtype_bytes: int, lora_r: int, lora_targets: list[str],
              lora_layers: int | None, optim: str, micro_batch: int, width: int, supervised: int,
-             grad_ckpt: bool, cuda: bool, loss_chunk: int = 0) -> dict:
+             grad_ckpt: bool, cuda: bool, loss_chunk: int = 0, attention: str = "sdpa") -> dict:
     """Bytes for one training run. `dtype_bytes`: the compute dtype (2 for bf16, 4 for fp32). `width` = the
     widest micro-batch's padded length, `supervised` = the most supervised tokens in one micro-batch (both
-    known after tokenisation). `loss_chunk`: positions per chunk of the loss (0: all at once)."""
+    known after tokenisation). `loss_chunk`: positions per chunk of the loss (0: all at once). `attention`:
+    sdpa or eager (eager also holds the seq x seq attention probabilities of every layer backward needs)."""
     d = dims(config)
     n_lora = lora_params(config, lora_r, lora_targets, lora_layers)
     optim_bytes = 2 if optim == "adamw8bit" else 8
@@ -80,6 +82,9 @@ def training(config, *, quant: bool, dtype_bytes: int, lora_r: int, lora_targets
         acts = tokens * dtype_bytes * (deep * d["h"] + per_layer)
     else:
         acts = tokens * dtype_bytes * deep * per_layer
+    if attention == "eager":  # softmax output (fp32) and, under bf16, its bf16 copy the next matmul keeps
+        probs = micro_batch * d["heads"] * width * width * (4 + (dtype_bytes if dtype_bytes != 4 else 0))
+        acts += probs * (1 if grad_ckpt else deep)
     logit_bytes = dtype_bytes + (4 if dtype_bytes != 4 else 0) + 4 + 8  # logits, fp32 copy, log-softmax, grads
     parts = dict(weights=weight_bytes(config, quant, dtype_bytes), lora=n_lora * (4 + 4 + optim_bytes),
                  activations=acts, logits=min(supervised, loss_chunk or supervised) * d["vocab"] * logit_bytes,

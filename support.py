@@ -141,11 +141,11 @@ def prepare_out_dir(args) -> Path:
 
 
 # Flags that say how to run, not what to train: a micro-batch only splits a step, the loss chunk only splits
-# the loss, and the memory check only decides whether to start. --resume may change them; any other flag
+# the loss, the attention kernel computes the same attention, and the memory check only decides whether to start. --resume may change them; any other flag
 # must be what the run was started with. --dtype is compared as resolved (bf16 or fp32: different arithmetic),
 # since `auto` can resolve differently on another machine.
 HOW_TO_RUN = ("resume", "overwrite", "halt_after", "micro_batch_size", "skip_memory_check", "gpu_memory_gib",
-              "dry_run", "loss_chunk", "dtype")
+              "dry_run", "loss_chunk", "dtype", "attention")
 
 
 def check_resume_matches(out: Path, config: dict):
@@ -243,6 +243,17 @@ def compute_dtype(choice: str, dev: str | None = None) -> tuple[torch.dtype, str
     return torch.float32, f"fp32 (--dtype auto: {why})"
 
 
+def attention_for(choice: str, dev: str) -> str:
+    """--attention (auto | sdpa | eager) -> the attention implementation the training loop uses. auto: eager on
+    CPU, SDPA on CUDA. On CPU, PyTorch's SDPA (flash) kernel's backward is slow at the quick start's lengths
+    (~200 tokens): eager attention made bf16 steps ~19% and fp32 steps ~5-10% faster (results/precision.md),
+    for a seq x seq probability matrix per layer that memory.py counts. On CUDA, SDPA's fused kernels are
+    faster and keep no seq^2 memory. Generation (eval.py) keeps SDPA: eager decoding measured slower on CPU."""
+    if choice not in ("auto", "sdpa", "eager"):
+        raise UserError(f"--attention {choice!r}: expected auto, sdpa or eager")
+    return ("eager" if dev == "cpu" else "sdpa") if choice == "auto" else choice
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -325,7 +336,8 @@ def training_estimate(args, config, quant: bool, dtype_bytes: int, cuda: bool, w
     return memory.training(config, quant=quant, dtype_bytes=dtype_bytes, lora_r=args.lora_r,
                            lora_targets=args.lora_targets.split(","), lora_layers=args.lora_layers,
                            optim=args.optim, micro_batch=micro, width=width, supervised=sum(supervised[:micro]),
-                           grad_ckpt=not args.no_grad_ckpt, cuda=cuda, loss_chunk=args.loss_chunk)
+                           grad_ckpt=not args.no_grad_ckpt, cuda=cuda, loss_chunk=args.loss_chunk,
+                           attention=attention_for(getattr(args, "attention", "sdpa"), "cuda" if cuda else "cpu"))
 
 
 def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data: list[dict] | None = None,

@@ -41,30 +41,33 @@ PROBE = r"""
 import gc, json, sys, torch
 import alttrain as at, memory
 from transformers import LlamaConfig, LlamaForCausalLM
-ckpt = sys.argv[1] == "1"
+ckpt, attention = sys.argv[1] == "1", sys.argv[2]
 cfg = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 args = at.build_parser().parse_args([] if ckpt else ["--no-grad-ckpt"])
 model = at.add_lora(LlamaForCausalLM(cfg), args, quant=False)
+model.get_base_model().set_attn_implementation(attention)
 ids = torch.randint(0, 2000, (8, 1024)); labels = ids.clone(); labels[:, :512] = -100
 rss = lambda f: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(f))
 gc.collect(); open("/proc/self/clear_refs", "w").write("5"); base = rss("VmRSS:")   # reset the peak
 (at.response_loss_sum(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)) / 1e3).backward()
 est = memory.training(cfg, quant=False, dtype_bytes=4, lora_r=16, lora_targets=args.lora_targets.split(","),
                       lora_layers=None, optim="adamw", micro_batch=8, width=1024,
-                      supervised=int((labels[:, 1:] != -100).sum()), grad_ckpt=ckpt, cuda=False)
+                      supervised=int((labels[:, 1:] != -100).sum()), grad_ckpt=ckpt, cuda=False,
+                      attention=attention)
 print(json.dumps(dict(peak=rss("VmHWM:") - base, est=est["parts"]["activations"] + est["parts"]["logits"])))
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")
-@pytest.mark.parametrize("ckpt", ["1", "0"])
-def test_activation_estimate_against_measured_peak(ckpt):
+@pytest.mark.parametrize("ckpt,attention", [("1", "sdpa"), ("0", "sdpa"), ("0", "eager"), ("1", "eager")])
+def test_activation_estimate_against_measured_peak(ckpt, attention):
     """One forward+backward of alttrain's loss (8 x 1024 tokens, half supervised) on a small wide model:
-    the estimate of activations + logits is within a factor of 1.5 of the measured peak (RSS growth).
+    the estimate of activations + logits is within a factor of 1.5 of the measured peak (RSS growth), with
+    SDPA and with eager attention (which keeps 4 heads x 1024^2 probabilities per sequence and layer).
     A fixed malloc mmap threshold makes freed tensors leave RSS, so the peak is the step's own."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(at.HERE)}
-    out = subprocess.run([sys.executable, "-c", PROBE, ckpt], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, ckpt, attention], capture_output=True, text=True, env=env, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["peak"] > 100 * 2 ** 20, r            # the step itself is what is measured
     assert 1 / 1.5 <= r["est"] / r["peak"] <= 1.5, r

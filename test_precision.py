@@ -84,3 +84,38 @@ def test_dtype_reaches_the_run_and_the_results_and_resume_keeps_it(tiny_dir, dat
     assert at.main(common + ["--out", str(half), "--resume", "--dtype", "bf16"]) == 2
     assert "computed in fp32" in capsys.readouterr().err
     assert at.main(common + ["--out", str(half), "--resume", "--dtype", "fp32"]) == 0  # auto resolved to fp32 here
+
+
+def test_attention_auto_is_eager_on_cpu_and_sdpa_on_cuda():
+    assert support.attention_for("auto", "cpu") == "eager" and support.attention_for("auto", "cuda") == "sdpa"
+    assert support.attention_for("sdpa", "cpu") == "sdpa" and support.attention_for("eager", "cuda") == "eager"
+    with pytest.raises(support.UserError, match="--attention"):
+        support.attention_for("flash", "cpu")
+
+
+def test_training_uses_the_chosen_attention_and_both_train_the_same(tiny_dir, data_file, tmp_path):
+    """The loop runs with the --attention kernel (eager by default on CPU), and eager and SDPA compute the same
+    attention: the same losses step by step and the same adapter, up to float rounding (fp32)."""
+    common = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--epochs", "2",
+              "--batch-size", "4", "--optim", "adamw", "--lr", "1e-2", "--no-grad-ckpt", "--dtype", "fp32"]
+    seen = {}
+    real = at.response_loss_sum
+
+    def spy(model, batch, chunk=0):
+        seen.setdefault(kind, set()).add(model.get_base_model().config._attn_implementation)
+        return real(model, batch, chunk)
+
+    from safetensors.torch import load_file
+    logs, adapters = {}, {}
+    for kind in ("auto", "sdpa"):
+        at.response_loss_sum = spy
+        try:
+            assert at.main(common + ["--attention", kind, "--out", str(tmp_path / kind)]) == 0
+        finally:
+            at.response_loss_sum = real
+        logs[kind] = [json.loads(l)["loss"] for l in open(tmp_path / kind / at.LOG_NAME)]
+        adapters[kind] = load_file(str(tmp_path / kind / "adapter_model.safetensors"))
+    assert seen == {"auto": {"eager"}, "sdpa": {"sdpa"}}
+    assert logs["auto"] == pytest.approx(logs["sdpa"], rel=1e-4) and logs["auto"][-1] < logs["auto"][0]
+    for name, t in adapters["auto"].items():
+        assert torch.allclose(t, adapters["sdpa"][name], rtol=1e-3, atol=1e-5), name
