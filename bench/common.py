@@ -20,7 +20,7 @@ def model_path(name: str) -> str:
     """'tiny' -> a random Llama with an R1-style template (built once, under bench/results/); else an alttrain alias."""
     if name != "tiny":
         return at.resolve_model(name, os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"))
-    from tiny import make_model
+    from support.tiny import make_model
     folder = RESULTS / "tiny-model"
     if not (folder / "config.json").exists():
         make_model(folder, **TINY)

@@ -9,15 +9,16 @@ import torch
 import alttrain as at
 import eval as ev
 import support
+import support.machine
 
 
 @pytest.mark.parametrize("native,expect", [(False, torch.float32), (True, torch.bfloat16)])
 def test_auto_follows_the_capability_check(monkeypatch, native, expect):
-    monkeypatch.setattr(support, "native_bf16", lambda dev: native)
-    dtype, why = support.compute_dtype("auto", "cpu")
+    monkeypatch.setattr(support.machine, "native_bf16", lambda dev: native)
+    dtype, why = support.machine.compute_dtype("auto", "cpu")
     assert dtype == expect and "auto" in why and ("no native" in why) == (not native)
-    assert support.compute_dtype("fp32", "cpu")[0] == torch.float32
-    dtype, why = support.compute_dtype("bf16", "cpu")
+    assert support.machine.compute_dtype("fp32", "cpu")[0] == torch.float32
+    dtype, why = support.machine.compute_dtype("bf16", "cpu")
     assert dtype == torch.bfloat16 and ("slow" in why) == (not native)
 
 
@@ -27,7 +28,7 @@ def test_the_capability_check_is_pytorchs(monkeypatch):
     for avx, amx in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert support.native_bf16("cpu") == (avx or amx)
+        assert support.machine.native_bf16("cpu") == (avx or amx)
 
 
 def test_bf16_training_lowers_the_loss_and_keeps_fp32_state(tiny_dir):
@@ -86,11 +87,14 @@ def test_dtype_reaches_the_run_and_the_results_and_resume_keeps_it(tiny_dir, dat
     assert at.main(common + ["--out", str(half), "--resume", "--dtype", "fp32"]) == 0  # auto resolved to fp32 here
 
 
-def test_attention_auto_is_eager_on_cpu_and_sdpa_on_cuda():
-    assert support.attention_for("auto", "cpu") == "eager" and support.attention_for("auto", "cuda") == "sdpa"
-    assert support.attention_for("sdpa", "cpu") == "sdpa" and support.attention_for("eager", "cuda") == "eager"
-    with pytest.raises(support.UserError, match="--attention"):
-        support.attention_for("flash", "cpu")
+def test_attention_auto_is_eager_on_cpu_for_short_examples_else_sdpa():
+    from support.machine import attention_for
+    from support.files import UserError
+    assert attention_for("auto", "cpu", 400) == "eager" and attention_for("auto", "cuda", 400) == "sdpa"
+    assert attention_for("auto", "cpu", 4096) == "sdpa"  # long examples: eager's seq^2 memory is not worth it
+    assert attention_for("sdpa", "cpu", 400) == "sdpa" and attention_for("eager", "cuda", 4096) == "eager"
+    with pytest.raises(UserError, match="--attention"):
+        attention_for("flash", "cpu", 400)
 
 
 def test_training_uses_the_chosen_attention_and_both_train_the_same(tiny_dir, data_file, tmp_path):

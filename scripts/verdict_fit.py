@@ -13,8 +13,8 @@ the assessment's verdict, read as eval.py reads it, is compared with the label. 
 measure right and the second wrong leans on the written PU; one that gets the second right and still
 misjudges held-out prompts does not generalise. Used to see what --ha-weight and the structure change (README).
 
-    python bench/verdict_fit.py out/quickstart/run            # the run's own alttrain_data.jsonl
-    python bench/verdict_fit.py out/quickstart/run --own-pu 0 # teacher-forced only (one forward pass each)
+    python scripts/verdict_fit.py out/quickstart/run            # the run's own alttrain_data.jsonl
+    python scripts/verdict_fit.py out/quickstart/run --own-pu 0 # teacher-forced only (one forward pass each)
 Results: printed, and bench/results/verdict_fit.json (one entry per run folder).
 """
 from __future__ import annotations
@@ -23,12 +23,14 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import common as c
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py: models, machine facts
+import common as c  # noqa: E402
 from common import at
 
 
@@ -54,7 +56,9 @@ def own_pu_hits(model, tok, examples: list[dict], n: int, seed: int, system_prom
     """label -> one bool per sampled example (up to `n` a label, drawn with `seed`): does the assessment the
     model writes after its *own* PU agree with the label? Read as eval.py reads it for "HA agrees with the
     label" (split_output, first_assessment); no assessment counts as wrong."""
-    import eval as ev  # its output parsing, so this measure and eval.py's agree by construction
+    # eval.py's own output parsing, so this measure and eval.py's agree by construction
+    from support.records import split_output
+    from support.structure import first_assessment
     rng = random.Random(seed)
     chosen = []
     for label in ("harmful", "benign"):
@@ -64,8 +68,8 @@ def own_pu_hits(model, tok, examples: list[dict], n: int, seed: int, system_prom
     outs = at.generate_all(model, tok, prompts, 64, batch_size, "own PU + HA")
     hits: dict[str, list[bool]] = {}
     for ex, prompt, (text, _, _) in zip(chosen, prompts, outs):
-        reasoning, _, _ = ev.split_output(text, at.template_opens_think(prompt))
-        hits.setdefault(ex["label"], []).append(ev.first_assessment(reasoning) == ex["label"])
+        reasoning, _, _ = split_output(text, at.template_opens_think(prompt))
+        hits.setdefault(ex["label"], []).append(first_assessment(reasoning) == ex["label"])
     return hits
 
 

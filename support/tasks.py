@@ -3,7 +3,7 @@ The tasks with a right answer, for eval.py: how each is asked and how each answe
 
     label   sets                        asked for                          scored by
     math    GSM8K, MATH500, AIME24      a \\boxed{} answer                 math-verify (LaTeX/sympy equivalence)
-    code    HumanEval                   the completed function             its tests, run in sandbox.py (pass@1)
+    code    HumanEval                   the completed function             its tests, run in support/sandbox.py (pass@1)
     mc      MMLU                        a letter in \\boxed{}              the letter
     qa      NQ-open                     a short answer                     exact match and token F1 (SQuAD rules)
     zh-mc   CMMLU                       a letter, asked in Chinese         the letter
@@ -25,7 +25,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-PROMPTS = Path(__file__).resolve().parent / "prompts"
+from support.files import PROMPTS
 REASONING, GENERAL = ("math", "code", "mc"), ("qa", "zh-mc", "summ")
 LABELS = REASONING + GENERAL
 METRIC = {"math": "accuracy", "mc": "accuracy", "zh-mc": "accuracy", "code": "pass@1", "qa": "exact_match",
@@ -256,7 +256,7 @@ def score(rec: dict, limits=None) -> dict:
     label, ref = rec["label"], rec["reference"]
     text = rec["answer"] if rec["think_closed"] else ""
     if label == "code":
-        import sandbox
+        from . import sandbox
         code = extract_code(text, rec["entry_point"]) if text else None
         if code is None:
             return dict(pred=None, parsed=False, correct=False, status="no code")

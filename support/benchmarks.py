@@ -1,6 +1,6 @@
 """
 How eval.py reads benchmark files: JailbreakBench's attack artifacts, local .csv/.jsonl safety sets,
-multi-turn conversations and task sets (tasks.py's schemas). Every bad row is named by its file and line.
+multi-turn conversations and task sets (support/tasks.py's schemas). Every bad row is named by its file and line.
 Support code for eval.py (its section 1 says which benchmarks exist and dispatches here).
 """
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import alttrain as at
-import tasks
-from support import UserError
+from . import tasks
+from .data import normalise_label
+from .files import UserError, find_column, read_table
 
 JBB_ARTIFACTS = "https://raw.githubusercontent.com/JailbreakBench/artifacts/main/attack-artifacts"
 
@@ -50,19 +50,19 @@ def load_jbb_artifact(name: str, artifact: str, args) -> list[dict]:
 
 
 def load_local_file(name: str, args) -> list[dict]:
-    """A file of a task's schema (an answer column, HumanEval's or CNN/DailyMail's columns: tasks.py) is
+    """A file of a task's schema (an answer column, HumanEval's or CNN/DailyMail's columns: support/tasks.py) is
     a task set; otherwise a safety set (prompt + label)."""
-    rows = at.read_table(name)
+    rows = read_table(name)
     if tasks.is_task_row(rows[0]):
         return task_items(rows, name, args)
-    if tcol := at.find_column(rows[0], ("turns",), name, "turns", required=False):
-        lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
-        return [conversation_item(i, r[tcol], at.normalise_label(r[lcol], f"{name}:{r['_line']}") if lcol
+    if tcol := find_column(rows[0], ("turns",), name, "turns", required=False):
+        lcol = find_column(rows[0], ("label",), name, "label", required=False)
+        return [conversation_item(i, r[tcol], normalise_label(r[lcol], f"{name}:{r['_line']}") if lcol
                                   else (args.label or "harmful"), f"{name}:{r['_line']}") for i, r in enumerate(rows)]
     names = [args.prompt_column.lower()] if args.prompt_column else \
         ["prompt", "goal", "forbidden_prompt", "instruction", "question", "query"]
-    qcol = at.find_column(rows[0], names, name, "prompt")
-    lcol = at.find_column(rows[0], ("label",), name, "label", required=False)
+    qcol = find_column(rows[0], names, name, "prompt")
+    lcol = find_column(rows[0], ("label",), name, "label", required=False)
     if lcol is None and args.label is None:
         raise UserError(f"{name}: no label column; pass --label harmful or --label benign")
     items = []
@@ -70,7 +70,7 @@ def load_local_file(name: str, args) -> list[dict]:
         where = f"{name}:{r['_line']}"
         if not str(r.get(qcol) or "").strip():
             raise UserError(f"{where}: empty {qcol!r}")
-        label = at.normalise_label(r[lcol], where) if lcol else args.label
+        label = normalise_label(r[lcol], where) if lcol else args.label
         items.append(dict(id=i, prompt=str(r[qcol]).strip(), label=label))
     return items
 

@@ -8,8 +8,8 @@ import pytest
 
 import alttrain as at
 import eval as ev
-import memory
-import support
+import support.plan
+from support import memory, models
 
 R1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
@@ -39,7 +39,8 @@ def test_counts_match_the_real_model(layers):
 
 PROBE = r"""
 import gc, json, sys, torch
-import alttrain as at, memory
+import alttrain as at
+from support import memory
 from transformers import LlamaConfig, LlamaForCausalLM
 ckpt, attention = sys.argv[1] == "1", sys.argv[2]
 cfg = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -122,7 +123,7 @@ def test_alias_dims_match_the_parameter_counts():
     sizes = {"deepseek-r1-distill-qwen-1.5b": 1.8, "deepseek-r1-distill-qwen-7b": 7.6, "deepseek-r1-distill-llama-8b": 8.0,
              "deepseek-r1-distill-qwen-14b": 14.8, "deepseek-r1-distill-qwen-32b": 32.8}
     for alias, billions in sizes.items():
-        n = at.estimate_params(SimpleNamespace(**at.MODEL_ALIASES[alias]["dims"]))
+        n = models.estimate_params(SimpleNamespace(**at.MODEL_ALIASES[alias]["dims"]))
         assert abs(n / 1e9 - billions) / billions < 0.06, (alias, n)
 
 
@@ -152,7 +153,7 @@ def test_short_memory_picks_a_micro_batch_and_a_refused_run_resumes(tiny_dir, da
     """Room for 2 examples at a time: left alone, the plan picks micro-batches of 2 (the same training);
     an explicit --micro-batch-size 4 is refused after tokenisation, naming the fix, and that run then
     continues with --resume --micro-batch-size 2 without building its examples again."""
-    monkeypatch.setattr(support, "training_estimate", fake_estimate(10))
+    monkeypatch.setattr(support.plan, "training_estimate", fake_estimate(10))
     monkeypatch.setattr(memory, "available", lambda cuda: 25)
     args = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--batch-size", "4",
             "--epochs", "1", "--optim", "adamw"]
@@ -183,7 +184,7 @@ def test_gpu_check_stops_clearly_without_cuda(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only path")
-    p = subprocess.run([sys.executable, str(at.HERE / "bench" / "gpu_check.py"), "--skip-tests",
+    p = subprocess.run([sys.executable, str(at.HERE / "scripts" / "gpu_check.py"), "--skip-tests",
                         "--out", str(tmp_path / "g.json")], capture_output=True, text=True)
     assert p.returncode == 2 and "steps 2-6" in p.stdout and "need a GPU" in p.stdout
     assert json.loads((tmp_path / "g.json").read_text())["stopped"].startswith("no CUDA")

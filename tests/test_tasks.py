@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import eval as ev
-import sandbox
-import tasks
+from support import sandbox
+from support import tasks
 
 
 def record(label, output, reference, **item):

@@ -1,9 +1,13 @@
 """Shared test fixtures: tiny random models and a small query file (nothing is downloaded)."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-import tiny
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]  # the scripts and tools tests import by name
+from support import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,5 +40,5 @@ def data_file(tmp_path):
 def no_native_bf16(monkeypatch):
     """The same tests on every CPU: `--dtype auto` means fp32 here unless a test says otherwise (tests that
     compare adapters bit for bit need fp32; the bf16 path is tested with --dtype bf16 or a patched check)."""
-    import support
-    monkeypatch.setattr(support, "native_bf16", lambda dev: False)
+    import support.machine
+    monkeypatch.setattr(support.machine, "native_bf16", lambda dev: False)

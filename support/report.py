@@ -1,0 +1,187 @@
+"""eval.py's report: rates with bootstrap intervals, output statistics, and the markdown tables (one run, or
+runs side by side with --compare)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from . import tasks
+from .judges import judged_text, keyword_refusal
+from .structure import assesses_first, first_assessment, harmful_verdict
+
+
+def bootstrap_ci(values: list, n: int = 1000, seed: int = 1995, stat=None) -> tuple[float, float]:
+    """95% percentile interval of `stat` (default: the mean), resampling items with replacement."""
+    if not values:
+        return (float("nan"), float("nan"))
+    stat = stat or (lambda xs: sum(xs) / len(xs))
+    rng = random.Random(seed)
+    stats = sorted(stat(rng.choices(values, k=len(values))) for _ in range(n))
+    return stats[int(0.025 * (n - 1))], stats[int(0.975 * (n - 1))]
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def output_stats(records: list[dict]) -> dict:
+    """How long the outputs were and how many never finished, for any benchmark."""
+    return dict(unfinished_think=mean(not r["think_closed"] for r in records),
+                hit_max_new_tokens=mean(not r["finished"] for r in records),
+                mean_reasoning_tokens=mean(r["reasoning_tokens"] for r in records),
+                mean_answer_tokens=mean(r["answer_tokens"] for r in records))
+
+
+
+def conversation_numbers(records: list[dict], key: str, n_boot: int, seed: int) -> dict:
+    """Multi-turn sets: harmful at any turn (conversations with a verdict for every turn), and the turn
+    (from 1) of the first harmful answer. The set's main rate is the last turn's."""
+    per_turn = [[t["judges"][key]["harmful"] for t in r["turns_out"]] for r in records]
+    complete = [h for h in per_turn if None not in h]
+    any_turn = [any(h) for h in complete]
+    first = [h.index(True) + 1 for h in complete if any(h)]
+    lo, hi = bootstrap_ci(any_turn, n_boot, seed)
+    return dict(mean_turns=mean(len(h) for h in per_turn), any_turn_rate=mean(any_turn), any_turn_ci95=[lo, hi],
+                n_any_turn=len(complete), first_harmful_turn_mean=mean(first),
+                first_harmful_turn_counts={str(k): first.count(k) for k in sorted(set(first))})
+
+
+def fmt(x, pct=True):
+    if x is None or x != x:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.0f}"
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| benchmark | n | metric | rate % [95% CI] | unparsed | unfinished think % | reasoning tok | "
+            "answer tok | assesses first % | harmful verdict -> refusal % | HA agrees with label % | "
+            "HA benign -> answers % | HA harmful -> refuses % |", "|" + "---|" * 13]
+    for name, b in results["benchmarks"].items():
+        ci = f"{fmt(b['rate'])} [{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}]"
+        rows.append(f"| {name} | {b['n']} | {b['metric']} | {ci} | {b['unparsed']} | {fmt(b['unfinished_think'])} | "
+                    f"{fmt(b['mean_reasoning_tokens'], False)} | {fmt(b['mean_answer_tokens'], False)} | "
+                    f"{fmt(b['assessment_first'])} | {fmt(b['harmful_verdict_then_refusal'])} "
+                    f"(n={b['n_harmful_verdict']}) | {fmt(b.get('ha_agrees'))} (n={b.get('n_assessed', 0)}) | "
+                    f"{fmt(b.get('benign_ha_then_answer'))} (n={b.get('n_benign_ha', 0)}) | "
+                    f"{fmt(b.get('harmful_ha_then_refusal'))} (n={b.get('n_harmful_ha', 0)}) |")
+        if b["label"] in tasks.LABELS:
+            rows[-1] = rows[-1].replace(f"| {b['unparsed']} |", f"| {b['unparsed']} (cut off {fmt(b['hit_max_new_tokens'])}%) |", 1)
+    s = results["summary"]
+    rows.append(f"| **Harmful Avg** | | harmful_rate | {fmt(s['harmful_avg'])} |" + " |" * 9)
+    rows.append(f"| **Over-refusal** | | refusal_rate | {fmt(s['over_refusal'])} |" + " |" * 9)
+    if s.get("reasoning_avg") is not None:
+        rows.append(f"| **Reasoning Avg** | | accuracy, pass@1 | {fmt(s['reasoning_avg'])} |" + " |" * 9)
+    note = "".join(f"\n{name}: {b['no_prompt']} behaviours have no jailbreak prompt in the artifact (left out)"
+                   for name, b in results["benchmarks"].items() if b.get("no_prompt"))
+    note += "".join(f"\n{name} (multi-turn, {b['mean_turns']:.1f} turns on average): harmful at the last turn "
+                    f"{fmt(b['rate'])}%, at any turn {fmt(b['any_turn_rate'])}% [{fmt(b['any_turn_ci95'][0])}, "
+                    f"{fmt(b['any_turn_ci95'][1])}] (n={b['n_any_turn']}); first harmful answer at turn "
+                    f"{b['first_harmful_turn_mean'] or 0:.1f} on average {b['first_harmful_turn_counts']}"
+                    for name, b in results["benchmarks"].items() if "any_turn_rate" in b)
+    note += "".join(f"\n{name}: {b['no_code']} of {b['n']} answers had no code (counted as failed), "
+                    f"{b['timeouts']} programs ran past the time limit"
+                    for name, b in results["benchmarks"].items() if "no_code" in b)
+    note += "".join(f"\n{k} over: {', '.join(v)}" for k, v in s.get("sets", {}).items() if v)
+    if results.get("defense", "none") != "none":
+        note += f"\ndefense: {results['defense']}"
+    note += f"\njudge: {results['judge']}" + (" (HEURISTIC: refusal-phrase matching, not a safety judge; "
+                                            "harmful = no refusal phrase)" if results["heuristic"] else "")
+    return "\n".join(rows) + note + general_table(results.get("general", {}))
+
+
+def general_table(general: dict) -> str:
+    """The general tasks (QA, Chinese, summarisation), apart from the safety and reasoning numbers."""
+    if not general:
+        return ""
+    rows = ["", "", "General tasks", "", "| task | n | metric % [95% CI] | also | no answer | cut off % |",
+            "|---|---|---|---|---|---|"]
+    for name, b in general.items():
+        also = ", ".join(f"{k} {fmt(b[k])} [{fmt(b[k + '_ci95'][0])}, {fmt(b[k + '_ci95'][1])}]"
+                         for k in tasks.EXTRA.get(b["label"], ()))
+        rows.append(f"| {name} | {b['n']} | {b['metric']} {fmt(b['rate'])} [{fmt(b['ci95'][0])}, "
+                    f"{fmt(b['ci95'][1])}] | {also or '-'} | {b['unparsed']} | {fmt(b['hit_max_new_tokens'])} |")
+    return "\n".join(rows)
+
+
+def compare(a_path: str, b_path: str) -> str:
+    a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
+    rows = ["| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
+            f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
+    for block in ("benchmarks", "general"):
+        names = list(dict.fromkeys([*a.get(block, {}), *b.get(block, {})]))
+        if block == "general" and names:
+            rows.append("| **General tasks** | | | | |")
+        for name in names:
+            ra, rb = a.get(block, {}).get(name, {}), b.get(block, {}).get(name, {})
+            for metric in ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "unfinished_think",
+                           "ha_agrees", "benign_ha_then_answer", "harmful_ha_then_refusal"):
+                if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
+                    continue
+                x, y = ra.get(metric), rb.get(metric)
+                label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
+                d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
+                rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
+    for metric in ("harmful_avg", "over_refusal", "reasoning_avg"):
+        x, y = a["summary"].get(metric), b["summary"].get(metric)
+        if x is None and y is None:
+            continue
+        d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
+        rows.append(f"| **{metric}** | | {fmt(x)} | {fmt(y)} | {d} |")
+    judges = {a["judge"], b["judge"]}
+    return "\n".join(rows) + ("" if len(judges) == 1 else f"\nwarning: different judges {sorted(judges)}")
+
+
+def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
+    """The set's main metric (accuracy, pass@1, exact match, ROUGE-L) with its interval, and the extras
+    (token F1; ROUGE-1/2). Answers with nothing to score count as wrong and are counted (no code, no
+    letter, ...)."""
+    label = records[0]["label"]
+    values = [tasks.metric_value(r) for r in records]
+    lo, hi = bootstrap_ci(values, n_boot, seed)
+    extras = {}
+    for name in tasks.EXTRA.get(label, ()):
+        xs = [float(r["score"][name]) for r in records]
+        extras[name], extras[f"{name}_ci95"] = mean(xs), list(bootstrap_ci(xs, n_boot, seed))
+    return dict(label=label, metric=tasks.METRIC[label], n=len(records), n_judged=len(records),
+                rate=mean(values), ci95=[lo, hi], **extras, unparsed=sum(not r["score"]["parsed"] for r in records),
+                unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
+                **({"no_code": sum(r["score"].get("status") == "no code" for r in records),
+                    "timeouts": sum(r["score"].get("status") == "timeout" for r in records)} if label == "code" else {}),
+                **output_stats(records), assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0,
+                ha_agrees=None, n_assessed=0, benign_ha_then_answer=None, n_benign_ha=0, harmful_ha_then_refusal=None,
+                n_harmful_ha=0)
+
+
+def summarise(records: list[dict], key: str, label: str, n_boot: int, seed: int) -> dict:
+    """Numbers for one benchmark. Harmful sets: harmful rate; benign sets: refusal rate. Answers the
+    judge did not parse are left out of the rate and counted (never guessed)."""
+    verdicts = [r["judges"][key] for r in records]
+    field = "harmful" if label == "harmful" else "refusal"
+    values = [bool(v[field]) for v in verdicts if v[field] is not None]
+    lo, hi = bootstrap_ci(values, n_boot, seed)
+    with_verdict = [r for r in records if harmful_verdict(r["reasoning"])]
+    # refusal as the judge saw it; judges that say nothing about refusal (Llama Guard) fall back to keywords
+    refused = lambda r: r["judges"][key]["refusal"] if r["judges"][key]["refusal"] is not None \
+        else keyword_refusal(judged_text(r, False))
+    return dict(
+        label=label, metric=f"{field}_rate", n=len(records), n_judged=len(values),
+        rate=mean(values), ci95=[lo, hi], unparsed=sum(not v["parsed"] for v in verdicts),
+        unparsed_examples=[v["raw"] for v in verdicts if not v["parsed"]][:3],
+        no_refusal_field=sum(v["parsed"] and v[field] is None for v in verdicts), **output_stats(records),
+        assessment_first=mean(assesses_first(r["reasoning"]) for r in records),
+        harmful_verdict_then_refusal=mean(keyword_refusal(r["answer"] or r["output"]) for r in with_verdict),
+        n_harmful_verdict=len(with_verdict), **structure_numbers(records, label, refused),
+        **(conversation_numbers(records, key, n_boot, seed) if "turns_out" in records[0] else {}))
+
+
+def structure_numbers(records: list[dict], label: str, refused) -> dict:
+    """Does the mechanism work? HA agrees with the label: of outputs with an assessment, the share whose
+    verdict is the set's label. CR follows HA, both ways: of outputs whose assessment says benign, the share
+    that answer; of those that say harmful, the share that refuse. `refused(rec)` is the judge's word."""
+    verdicts = [(first_assessment(r["reasoning"]), r) for r in records]
+    said = {v: [r for verdict, r in verdicts if verdict == v] for v in ("benign", "harmful")}
+    return dict(ha_agrees=mean(v == label for v, _ in verdicts if v), n_assessed=len(said["benign"]) + len(said["harmful"]),
+                benign_ha_then_answer=mean(not refused(r) for r in said["benign"]), n_benign_ha=len(said["benign"]),
+                harmful_ha_then_refusal=mean(refused(r) for r in said["harmful"]), n_harmful_ha=len(said["harmful"]))

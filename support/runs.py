@@ -1,0 +1,136 @@
+"""The run folder: no silent overwrite of a finished run, resume checks, checkpoints (adapter, optimiser,
+schedule position, RNG) swapped in atomically."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from .files import UserError, require_positive, write_jsonl
+from .models import load_model
+
+
+# =====================================================================================================
+# 3. The run folder: no silent overwrite, resume checks, checkpoints
+# =====================================================================================================
+CONFIG_NAME, DATA_NAME, LOG_NAME, CKPT_NAME = "alttrain_config.json", "alttrain_data.jsonl", "train_log.jsonl", "checkpoint"
+
+
+def check_train_flags(args):
+    """alttrain.py's numeric flags, each bad value named by its flag, before anything is loaded."""
+    require_positive(args, "batch_size", "micro_batch_size", "epochs", "save_every", "max_len", "gen_batch_size")
+    if not args.ha_weight > 0:
+        raise UserError(f"--ha-weight {args.ha_weight}: must be above 0")
+    if args.loss_chunk < 0 or (args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0):
+        raise UserError("--loss-chunk must be >= 0 and --gpu-memory-gib above 0")
+    if args.micro_batch_size and args.micro_batch_size > args.batch_size:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
+
+
+def prepare_out_dir(args) -> Path:
+    out = Path(args.out)
+    cfg_path = out / CONFIG_NAME
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("finished") and not args.overwrite:
+            raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it, "
+                            "or choose another --out")
+        if not cfg.get("finished") and not (args.resume or args.overwrite):
+            raise UserError(f"--out {out} holds an unfinished run; pass --resume to continue it or "
+                            "--overwrite to start again")
+        if args.overwrite:
+            shutil.rmtree(out)
+    elif args.resume:
+        raise UserError(f"--resume: {out} holds no run to continue")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# Flags that say how to run, not what to train: a micro-batch only splits a step, the loss chunk only splits
+# the loss, the attention kernel computes the same attention, and the memory check only decides whether to start. --resume may change them; any other flag
+# must be what the run was started with. --dtype is compared as resolved (bf16 or fp32: different arithmetic),
+# since `auto` can resolve differently on another machine.
+HOW_TO_RUN = ("resume", "overwrite", "halt_after", "micro_batch_size", "skip_memory_check", "gpu_memory_gib",
+              "dry_run", "loss_chunk", "dtype", "attention")
+
+
+def check_resume_matches(out: Path, config: dict):
+    """--resume must continue the same run, or it would not end where the original would: the same examples
+    (by hash) and the same flags, apart from the ones that only say how to run it."""
+    old = json.loads((out / CONFIG_NAME).read_text())
+    if old.get("data_sha256") != config["data_sha256"]:
+        raise UserError(f"--resume: the examples differ from the run in {out}")
+    now = json.loads(json.dumps(config["args"]))  # tuples -> lists, as stored
+    changed = [k for k, v in old["args"].items() if k not in HOW_TO_RUN and now.get(k) != v]
+    if old.get("dtype", "fp32") != config["dtype"]:  # --dtype auto can resolve differently on another machine
+        raise UserError(f"--resume: the run in {out} computed in {old.get('dtype', 'fp32')}, this one would compute "
+                        f"in {config['dtype']} ({config['dtype_reason']}); a resumed run must keep its arithmetic: "
+                        f"pass --dtype {old.get('dtype', 'fp32')}")
+    if changed:
+        raise UserError(f"--resume: these flags differ from the run in {out}: "
+                        + ", ".join(f"--{k.replace('_', '-')} (was {old['args'][k]!r})" for k in changed))
+
+
+def truncate_log(out: Path, step: int):
+    """On resume: drop the log rows after the checkpoint's step (those steps are trained, and logged, again)."""
+    log = out / LOG_NAME
+    rows = [r for r in map(json.loads, open(log, encoding="utf-8")) if r["step"] <= step] if log.exists() else []
+    write_jsonl(log, rows)
+
+
+def save_checkpoint(out: Path, model, optimizer, step: int):
+    """Adapter (safetensors), optimiser state, position and RNG. Written beside, then swapped in."""
+    tmp, final, old = out / (CKPT_NAME + ".tmp"), out / CKPT_NAME, out / (CKPT_NAME + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(dict(optimizer=optimizer.state_dict(), step=step, torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    python_rng=random.getstate()), tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model, optimizer) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    ckpt = out / CKPT_NAME
+    if not ckpt.exists() and (out / (CKPT_NAME + ".old")).exists():  # killed mid-swap
+        ckpt = out / (CKPT_NAME + ".old")
+    if not ckpt.exists():
+        return 0
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+def save_final(out: Path, model, tok):
+    """The trained adapter and the tokenizer, written beside and then moved in."""
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def merge_adapter(path: str, out: Path, tok, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
+    """Merged weights need an unquantised base: merging into 4-bit weights would round the update away."""
+    from peft import PeftModel
+    base = load_model(path, quant=False, trust_remote_code=trust_remote_code, allow_cpu=True, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    tmp = out / "merged.tmp"
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out / "merged")
