@@ -29,7 +29,8 @@ import torch
 import common as c
 from common import at
 
-import support
+from support.chat import generate_batch
+from support.machine import compute_dtype, dtype_name, native_bf16
 
 
 def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, repeat: int = 5) -> float:
@@ -85,9 +86,9 @@ def bench_generate(model_name: str, dtype: torch.dtype, n: int, max_new: int) ->
     ids = [at.encode_prompt(tok, at.render_prompt(tok, p)) for p in prompts]
     model = at.load_model(path, quant=False, dtype=dtype)
     model.eval()
-    at.generate_batch(model, tok, ids[:2], 4)  # warm-up
+    generate_batch(model, tok, ids[:2], 4)  # warm-up
     t0 = time.perf_counter()
-    outs = at.generate_batch(model, tok, ids, max_new)
+    outs = generate_batch(model, tok, ids, max_new)
     seconds = time.perf_counter() - t0
     new = sum(k for _, k, _ in outs)
     flops = 2 * linear_params(at.load_config(path)) * new  # decoding: the weights once per new token
@@ -106,14 +107,14 @@ def main(argv=None):
     dev = at.device()
     if dev == "cpu":
         at.keep_freed_memory()  # as alttrain.py does on CPU
-    auto, why = support.compute_dtype("auto", dev)
-    caps = dict(device=dev, native_bf16=support.native_bf16(dev), auto=support.dtype_name(auto), auto_reason=why)
+    auto, why = compute_dtype("auto", dev)
+    caps = dict(device=dev, native_bf16=native_bf16(dev), auto=dtype_name(auto), auto_reason=why)
     if dev == "cpu":
         caps.update(avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported())
     print(json.dumps(caps))
     rows = {}
     for dtype in (torch.float32, torch.bfloat16):
-        name = support.dtype_name(dtype)
+        name = dtype_name(dtype)
         row = dict(matmul_4096x576x576=round(matmul_gflops(dtype, 4096, 576, 576), 1),
                    matmul_2048cubed=round(matmul_gflops(dtype, 2048, 2048, 2048), 1))
         print(name, row, flush=True)

@@ -23,7 +23,8 @@ import common as c
 CHILD = r"""
 import gc, json, sys, time, torch
 sys.path.insert(0, {root!r})
-import alttrain as at, memory
+import alttrain as at
+from support import memory
 from transformers import LlamaConfig, LlamaForCausalLM
 chunk, batch, width = {chunk}, {batch}, {width}
 cfg = LlamaConfig(vocab_size=128256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
