@@ -63,6 +63,7 @@ Usage
     python alttrain.py --model deepseek-r1-distill-llama-8b --dry-run --gpu-memory-gib 48   # its memory plan
     python alttrain.py --model deepseek-r1-distill-llama-8b                 # the paper's recipe, one GPU
     python alttrain.py --model smollm2-135m --data data/train.jsonl ...     # CPU, see README quick start
+    torchrun --nproc_per_node 4 alttrain.py --model ...                     # 4 GPUs: each step split (support/distributed.py)
     python alttrain.py --help                                               # every flag, grouped
 """
 from __future__ import annotations
@@ -86,16 +87,16 @@ from tqdm.auto import tqdm
 
 # What is not the method lives in the support/ package (support/__init__.py lists its modules): errors and
 # files, the run folder and checkpoints, this machine, the memory plan, model loading, chat templates.
-from support import memory
-from support.chat import encode_prompt, generate_all, render_prompt, template_opens_think
-from support.files import UserError, atomic_write, cli, sha256_file, write_jsonl
+from support import distributed as dist, memory
+from support.chat import close_think, encode_prompt, generate_all, render_prompt, template_opens_think
+from support.files import UserError, atomic_write, cli, count_or_all, sha256_file, write_jsonl
 from support.machine import attention_for, device, dtype_name, keep_freed_memory
 from support.models import CPU_PARAM_LIMIT, MODEL_ALIASES, load_config, load_model, load_tokenizer, resolve_model
 from support.data import (check_structure_data, has_trace, load_ha_prompt, load_queries, read_built, read_lines,
                           read_refusals, select_queries, split_response)
 from support.plan import check_generation_memory, plan_training, planned_precision
-from support.runs import (CONFIG_NAME, DATA_NAME, LOG_NAME, check_resume_matches, check_train_flags, load_checkpoint,
-                          merge_adapter, prepare_out_dir, save_checkpoint, save_final, truncate_log)
+from support.runs import (CONFIG_NAME, DATA_NAME, LOG_NAME, check_resume_matches, check_train_flags, clear_old_run,
+                          load_checkpoint, merge_adapter, prepare_out_dir, save_checkpoint, save_final, truncate_log)
 from support.sentences import first_sentence, ha_verdict
 
 HERE = Path(__file__).resolve().parent
@@ -176,20 +177,6 @@ def ablate(structure: str, label: str, pu: str, ha: str, cr: str, rest: str) -> 
     return {"no-pu": ("", ha, cr), "no-ha": (pu, "", cr), "no-cr": (pu, ha, ""),
             "direct-refusal": ("", "", "") if label == "harmful" else (pu, "", rest),
             "original": (pu, "", cr)}[structure]
-
-
-def close_think(tok, prompt: str) -> str:
-    """For a reasoning model writing an assessment: prefill an empty <think></think>, so its 64 tokens go
-    to the sentence itself rather than to the start of a long chain of thought."""
-    if template_opens_think(prompt):
-        return prompt + "\n</think>\n\n"
-    return prompt + "<think>\n\n</think>\n\n" if knows_think(tok) else prompt
-
-
-@functools.lru_cache(maxsize=None)
-def knows_think(tok) -> bool:
-    """Is <think> in the vocabulary? (asked once per tokenizer: get_vocab() builds a dict of the whole 128-152K vocabulary)"""
-    return "<think>" in tok.get_vocab()
 
 
 def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_model=None, ha_tok=None):
@@ -419,7 +406,9 @@ def loss_normaliser(batches: list[dict]) -> float:
 def train(args, model, tok, data: list[dict], out: Path, micro: int | None = None,
           dtype: torch.dtype = torch.float32) -> dict:
     """The loop. `data` is tokenized examples (input_ids, labels); `micro` the micro-batch size (the memory
-    plan's; default --micro-batch-size, else the batch); `dtype` the compute dtype. Returns summary metrics."""
+    plan's; default --micro-batch-size, else the batch); `dtype` the compute dtype. Returns summary metrics.
+    Under torchrun: not DDP, whose hooks need equal backward passes on every process (a step's share is often
+    uneven), but one all_reduce of the LoRA gradients a step (support/distributed.py says why)."""
     micro = micro or args.micro_batch_size or args.batch_size
     lengths = [len(ex["input_ids"]) for ex in data]
     # Each step's examples are a function of (seed, epoch) alone, formed at --batch-size whatever the micro-batch:
@@ -431,7 +420,7 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     optimizer = make_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable ones
     step = load_checkpoint(out, model, optimizer) if args.resume else 0
-    if step:
+    if step and dist.is_main():
         print(f"resuming at step {step}/{total}")
         truncate_log(out, step)  # the steps after the checkpoint are trained again, and logged again
     dev = torch.device(model.device if hasattr(model, "device") else device())
@@ -443,26 +432,27 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     base.set_attn_implementation(attention_for(args.attention, dev.type, max(lengths)))
     computed = real = supervised = 0
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not dist.is_main())
     t0, last = time.time(), {}
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         idx = sorted(epoch_steps(epoch)[k], key=lambda i: -lengths[i])  # similar lengths share a micro-batch
         batches = [collate([data[i] for i in idx[j:j + micro]], tok.pad_token_id) for j in range(0, len(idx), micro)]
         n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        norm = loss_normaliser(batches)
+        norm = loss_normaliser(batches)  # the whole step's: every process computes it alike (torchrun)
+        computed += sum(b["input_ids"].numel() for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         lr = lr_at(step, total, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t_step, loss_sum, tokens = time.time(), 0.0, 0
-        for b in batches:
+        t_step, loss_sum = time.time(), 0.0
+        for b in batches[dist.rank()::dist.world()]:  # torchrun: process r trains micro-batches r, r+N, ... of the step
             b = {key: v.to(dev) for key, v in b.items()}
             with autocast():
                 loss = response_loss_sum(model, b, args.loss_chunk) / norm
             loss.backward()
             loss_sum += loss.item()
-            computed += b["input_ids"].numel()
-            tokens += int(b["attention_mask"].sum())
+        loss_sum = dist.sum_grads(params, loss_sum)  # torchrun: sum the processes' gradients; all clip and step alike
         real += tokens
         supervised += n_sup
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -473,11 +463,12 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
         last = dict(step=step, epoch=epoch + (k + 1) / steps_per_epoch, loss=round(loss_sum, 5), lr=lr,
                     grad_norm=round(float(grad_norm), 4), tokens=tokens, supervised_tokens=n_sup,
                     tok_per_s=round(tokens / dt, 1), elapsed_s=round(time.time() - t0, 2))
-        with open(out / LOG_NAME, "a") as f:
-            f.write(json.dumps(last) + "\n")
+        if dist.is_main():
+            with open(out / LOG_NAME, "a") as f:
+                f.write(json.dumps(last) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
         bar.update(1)
-        if step % args.save_every == 0 or step == total:
+        if (step % args.save_every == 0 or step == total) and dist.is_main():
             save_checkpoint(out, model, optimizer, step)
         if args.halt_after and step >= args.halt_after and step < total:
             bar.close()
@@ -504,19 +495,6 @@ def apply_recipe(args):
             setattr(args, flag, recipe[flag])
     args.structure = args.structure or recipe["structure"]
     return args
-
-
-def count_or_all(text: str) -> int | None:
-    """A count of queries, or 'all' (None: take every query of that label)."""
-    if text.lower() == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {n}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,6 +625,7 @@ def main(argv=None) -> int:
 
 
 def run(args):
+    dist.init()  # under torchrun: join the other processes (support/distributed.py); alone: nothing changes
     apply_recipe(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -667,70 +646,73 @@ def run(args):
     if args.dry_run:
         print("--dry-run: nothing loaded, nothing written")
         return
-    out = prepare_out_dir(args)
-    path = resolve_model(args.model, args.cache_dir)
+    out = prepare_out_dir(args) if dist.is_main() else Path(args.out)  # under torchrun rank 0 alone writes files
+    path = dist.main_first(resolve_model, args.model, args.cache_dir)  # an alias is converted once, by rank 0
     tok = load_tokenizer(path, args.trust_remote_code)
-    model = None
-
-    # -- the examples: reuse the run's own copy on resume, a prebuilt set, or build them now
-    data_file = out / DATA_NAME
-    if args.resume and data_file.exists():
-        examples = [json.loads(l) for l in open(data_file, encoding="utf-8")]
-        stats = json.loads((out / CONFIG_NAME).read_text()).get("build_stats", {})
-    elif args.built:
-        examples, stats = read_built(args.built), {"prebuilt": args.built}
-    else:
-        queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
-        check_structure_data(args, queries)  # before any model is loaded
-        gen_model = ha_model = ha_tok = None
-        need_ha = (uses_ha(args.structure) and args.ha_model != "template"
-                   and any(not q.get("ha") for q in queries))  # the data may carry them all
-        if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
-            longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
-            check_generation_memory(args, load_config(path, args.trust_remote_code), quant, dtype_bytes, cuda, longest)
-            model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
-            gen_model = model
-        if not need_ha:
-            pass
-        elif args.ha_model is None:
-            ha_model, ha_tok = model, tok
+    model = data = dropped = config = None
+    # -- the examples: the run's own copy on resume, a prebuilt set, or built now (under torchrun: by rank 0 alone)
+    if dist.is_main():
+        data_file = out / DATA_NAME
+        if args.resume and data_file.exists():
+            examples = [json.loads(l) for l in open(data_file, encoding="utf-8")]
+            stats = json.loads((out / CONFIG_NAME).read_text()).get("build_stats", {})
+        elif args.built:
+            examples, stats = read_built(args.built), {"prebuilt": args.built}
         else:
-            ha_path = resolve_model(args.ha_model, args.cache_dir)
-            ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
-            ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu, dtype)
-        examples, stats = build_examples(args, queries, gen_model, tok, ha_model, ha_tok)
-        if ha_model is not None and ha_model is not model:
-            del ha_model  # its memory is counted free again by the plan below (memory.available collects it)
-    write_jsonl(data_file, examples)
-    n_h = sum(e["label"] == "harmful" for e in examples)
-    print(f"examples: {len(examples)} ({n_h} harmful, {len(examples) - n_h} benign), structure "
-          f"{args.structure}; " + ", ".join(f"{k}={v}" for k, v in stats.items()) + f" -> {data_file}")
-    config = dict(args=vars(args), base_model=path, model_arg=args.model, data_sha256=sha256_file(data_file),
-                  dtype=dtype_name(dtype), dtype_reason=why, build_stats=stats, finished=False,
-                  versions={m: __import__(m).__version__ for m in ("torch", "transformers", "peft")})
-    if args.resume and (out / CONFIG_NAME).exists():
-        check_resume_matches(out, config)  # a resumed run must be the same run (same examples, same flags)
-    if args.build_only:
-        config["finished"] = True
+            queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
+            check_structure_data(args, queries)  # before any model is loaded
+            gen_model = ha_model = ha_tok = None
+            need_ha = (uses_ha(args.structure) and args.ha_model != "template"
+                       and any(not q.get("ha") for q in queries))  # the data may carry them all
+            if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
+                longest = max(len(encode_prompt(tok, render_prompt(tok, q["query"], args.system_prompt))) for q in queries)
+                check_generation_memory(args, load_config(path, args.trust_remote_code), quant, dtype_bytes, cuda, longest)
+                model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
+                gen_model = model
+            if need_ha and args.ha_model is None:
+                ha_model, ha_tok = model, tok
+            elif need_ha:
+                ha_path = resolve_model(args.ha_model, args.cache_dir)
+                ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
+                ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu, dtype)
+            examples, stats = build_examples(args, queries, gen_model, tok, ha_model, ha_tok)
+            if ha_model is not None and ha_model is not model:
+                del ha_model  # its memory is counted free again by the plan below (memory.available collects it)
+        if args.overwrite:  # only now that the new examples exist: a run that fails to start keeps the old one
+            clear_old_run(out)
+        write_jsonl(data_file, examples)
+        n_h = sum(e["label"] == "harmful" for e in examples)
+        print(f"examples: {len(examples)} ({n_h} harmful, {len(examples) - n_h} benign), structure "
+              f"{args.structure}; " + ", ".join(f"{k}={v}" for k, v in stats.items()) + f" -> {data_file}")
+        config = dict(args=vars(args), base_model=path, model_arg=args.model, data_sha256=sha256_file(data_file),
+                      dtype=dtype_name(dtype), dtype_reason=why, build_stats=stats, finished=False,
+                      versions={m: __import__(m).__version__ for m in ("torch", "transformers", "peft")})
+        if args.resume and (out / CONFIG_NAME).exists():
+            check_resume_matches(out, config)  # a resumed run must be the same run (same examples, same flags)
+        if args.build_only:
+            config["finished"] = True
+            atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
+            print("--build-only: stopping before training")
+            return
+        # written before the plan is checked again: a refused run continues with --resume, examples and all
         atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
-        print("--build-only: stopping before training")
-        return
-    # written before the plan is checked again: a refused run continues with --resume, examples and all
-    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
 
-    # -- tokenise
-    data, dropped = [], 0
-    for ex in examples:
-        enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt,
-                             ex.get("ha") or "", args.ha_weight)
-        if len(enc["input_ids"]) > args.max_len:
-            dropped += 1
-            continue
-        data.append(enc)
-    if dropped:
-        print(f"note: {dropped} examples longer than --max-len {args.max_len} tokens were dropped")
-    if not data:
-        raise UserError(f"no example fits in --max-len {args.max_len}")
+        # -- tokenise
+        data, dropped = [], 0
+        for ex in examples:
+            enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt,
+                                 ex.get("ha") or "", args.ha_weight)
+            if len(enc["input_ids"]) > args.max_len:
+                dropped += 1
+                continue
+            data.append(enc)
+        if dropped:
+            print(f"note: {dropped} examples longer than --max-len {args.max_len} tokens were dropped")
+        if not data:
+            raise UserError(f"no example fits in --max-len {args.max_len}")
+    elif args.build_only:
+        return
+    data, dropped, config = dist.broadcast((data, dropped, config))  # rank 0's tokens reach every process
 
     # -- the memory plan again, with the real lengths; then model + LoRA, then the loop
     model_config = load_config(path, args.trust_remote_code)
@@ -746,7 +728,7 @@ def run(args):
         keep_freed_memory()
     torch.manual_seed(args.seed)
     metrics = train(args, model, tok, data, out, micro, dtype)
-    if metrics.get("halted"):
+    if metrics.get("halted") or not dist.is_main():  # under torchrun, rank 0 alone writes the outputs
         return
 
     # -- outputs: adapter + tokenizer (written beside, then moved in), config marked finished

@@ -6,6 +6,7 @@ on benign ones - plus numbers about the reasoning structure itself.
     python eval.py --ckpt out/                                  # a run of alttrain.py (base + adapter)
     python eval.py --model deepseek-r1-distill-llama-8b         # the base model: the "no training" row
     python eval.py --compare before/results.json after/results.json
+    torchrun --nproc_per_node 4 eval.py --ckpt out/                # 4 GPUs: batches split (support/distributed.py)
 
 Steps (each a section below)
   1. Benchmarks: strongreject, jbb, wildjailbreak and JailbreakBench's GCG/PAIR/JBC jailbreak prompts
@@ -45,18 +46,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from support import memory, tasks
+from support import distributed as dist, memory, tasks
 from support.chat import encode_prompt, generate_batch, render_chat, render_prompt, template_opens_think
 from support.files import (PROMPTS, UserError, atomic_write, cli, find_column, hub_dataset, read_table,
                            require_positive, write_jsonl)
 from support.machine import compute_dtype, dtype_name
-from support.models import MODEL_ALIASES, load_config, load_model, load_tokenizer, resolve_model
+from support.models import MODEL_ALIASES, load_config, load_model, load_tokenizer, read_checkpoint, resolve_model
 from support.plan import check_memory
 from support.runs import CONFIG_NAME
 from support.conversations import generate_conversations, kept_in_history
 from support.intention import intention_analysis
 from support.judges import JUDGES, judge_key, judged_text, keyword_refusal, load_judge, verdicts
-from support.records import in_item_order, read_records, resume, split_output
+from support.records import read_records, split_output
 from support.report import (bootstrap_ci, compare, fmt, markdown_table, mean, summarise,
                             summarise_capability)
 from support.benchmarks import conversation_item, load_jbb_artifact, load_local_file, task_items
@@ -247,7 +248,7 @@ def load_policy(args, benches: dict):
         cfg_path = Path(args.ckpt) / CONFIG_NAME
         if not cfg_path.exists():
             raise UserError(f"--ckpt {args.ckpt}: no {CONFIG_NAME}; is this an output folder of alttrain.py?")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_checkpoint(args.ckpt, CONFIG_NAME)  # a broken config or adapter file: one clear error
         if not (Path(args.ckpt) / "adapter_model.safetensors").exists():
             raise UserError(f"--ckpt {args.ckpt}: no adapter (the run did not finish; continue it with "
                             "alttrain.py --resume)")
@@ -289,17 +290,19 @@ def check_generation_memory(args, path: str, tok, quant: bool, benches: dict, dt
 
 def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[dict]:
     """Generate for every item not yet in `path`, longest prompts first (batches of similar length),
-    appending each answer at once."""
-    done, todo = resume(path, items, args)
+    appending each answer at once. Under torchrun, process r of N generates batches r, r+N, ... (the batches one
+    process would form, so the answers are its answers) into its own part file; rank 0 merges them in the items'
+    order into `path` (support/distributed.py)."""
+    done, todo = dist.resume(path, items, args)  # one process: support.records.resume
     prompts = {it["id"]: render_prompt(tok, it["prompt"], args.system_prompt) for it in todo}
     encoded = {i: encode_prompt(tok, p) for i, p in prompts.items()}
     todo.sort(key=lambda it: -len(encoded[it["id"]]))
     model.eval()
     t0, n_new = time.time(), 0
-    bar = tqdm(total=len(items), initial=len(done), desc=f"generate {path.stem}", unit="answer")
-    with open(path, "a", encoding="utf-8") as f:
-        for k in range(0, len(todo), args.batch_size):
-            batch = todo[k:k + args.batch_size]
+    batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
+    bar = tqdm(total=len(items), initial=len(done), desc=f"generate {path.stem}", unit="answer", disable=not dist.is_main())
+    with open(dist.part(path), "a", encoding="utf-8") as f:
+        for batch in batches[dist.rank()::dist.world()]:
             max_new = args.math_max_new_tokens if batch[0]["label"] in CAPABILITY else args.max_new_tokens
             batch_prompts, extra = [prompts[it["id"]] for it in batch], [{} for _ in batch]
             ids = [encoded[it["id"]] for it in batch]
@@ -326,7 +329,7 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     if n_new:
         print(f"{path.stem}: {n_new} answers in {dt:.1f}s = {n_new / dt:.2f} answers/s "
               f"(batch size {args.batch_size})")
-    return in_item_order(done, items)
+    return dist.merge(path, done, items)  # the records in the items' order (under torchrun, [] on ranks > 0)
 
 
 # =====================================================================================================
@@ -364,6 +367,8 @@ def score_records(records: list[dict], args=None):
     cut off inside <think> has no answer (unparsed, counted as cut off). Code runs one program at a time."""
     from support import sandbox
     limits = sandbox.Limits(seconds=args.code_timeout, memory_mb=args.code_memory_mb) if args else None
+    if any(r["label"] == "code" for r in records):
+        sandbox.announce()  # prints once which isolation model-written code runs under
     todo = [r for r in records if "score" not in r or r["score"].get("version") != tasks.SCORE_VERSION]
     for r in tqdm(todo, desc="score", unit="answer", disable=len(todo) < 50 and records[0]["label"] != "code"):
         r["score"] = dict(tasks.score(r, limits), version=tasks.SCORE_VERSION)
@@ -379,6 +384,7 @@ def main(argv=None) -> int:
 
 
 def run(args):
+    dist.init()  # under torchrun: join the other processes (support/distributed.py); alone: nothing changes
     if args.attack:
         return run_attack(args)
     require_positive(args, "batch_size", "judge_batch_size", "max_new_tokens", "math_max_new_tokens", "limit",
@@ -392,6 +398,8 @@ def run(args):
         labels = list(dict.fromkeys(it["label"] for it in items))  # in order of appearance
         for lab in labels:  # a local file with both labels becomes two sets
             benches[bench_key(b) + (f"-{lab}" if len(labels) > 1 else "")] = [it for it in items if it["label"] == lab]
+    if dist.world() > 1 and any("turns" in its[0] for its in benches.values()):
+        raise UserError("multi-turn sets are generated in one process (python eval.py), not under torchrun")
     safe_name = re.sub(r"[^\w.-]", "_", args.model or "")
     out = Path(args.out) if args.out else (Path(args.ckpt) / "eval" if args.ckpt else Path("out") / f"eval-{safe_name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -402,6 +410,8 @@ def run(args):
         generate = generate_conversations if "turns" in items[0] else generate_answers
         records[name] = generate(model, tok, items, out / f"{name}.jsonl", args)
     del model
+    if not dist.is_main():  # under torchrun, rank 0 alone judges and reports
+        return
     safety = [n for n in records if benches[n][0]["label"] in SAFETY]
     judge = load_judge(args) if args.judge != "keywords" and safety else None
     key = judge_key(args)
@@ -441,6 +451,8 @@ def run_attack(args):
     from support import crescendo as cr
     require_positive(args, "max_turns", "attacker_retries", "attacker_max_new_tokens", "max_new_tokens", "limit",
                         "bootstrap")
+    if dist.world() > 1:
+        raise UserError("--attack crescendo runs in one process (python eval.py), not under torchrun")
     if not args.attacker_model or not args.goals:
         raise UserError("--attack crescendo needs --attacker-model and --goals")
     if bool(args.ckpt) == bool(args.model):
@@ -450,9 +462,9 @@ def run_attack(args):
     else:
         rows = read_table(args.goals)
         col = find_column(rows[0], ("goal", "objective", "prompt", "behavior"), args.goals, "goal")
-        goals = [str(r.get(col) or "").strip() for r in rows]
-        if empty := [r["_line"] for r, g in zip(rows, goals) if not g]:
-            raise UserError(f"{args.goals}:{empty[0]}: empty {col!r}")
+        if bad := [r["_line"] for r in rows if not isinstance(r.get(col), str) or not r[col].strip()]:
+            raise UserError(f"{args.goals}:{bad[0]}: {col!r} must be a non-empty text")
+        goals = [r[col].strip() for r in rows]
         goals = limit_items(goals, args)
     out = Path(args.out or (Path(args.ckpt) / "eval-crescendo" if args.ckpt else Path("out") / "eval-crescendo"))
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ model). Run it on the GPU you will train on, before the hour-long download of an
      peak memory; a --gpu-memory-gib too small for micro-batch 8 makes the plan choose a smaller one (printed,
      recorded) and the adapter matches the micro-batch-8 run; R1-8B's --dry-run plan fits 48 GiB at batch 8
   6. ours against TRL's SFTTrainer on the same GPU (bench/bench_train.py, needs bench/requirements.txt)
+  7. with 2 GPUs or more: torchrun --nproc_per_node 2 (NCCL) against one process on the tiny model - the adapter, a
+     run halted on 2 GPUs and resumed on 1, eval.py's answers (support/distributed.py); skipped, and said, with one GPU
 
 Without CUDA it runs step 1 on the CPU, then stops and says that steps 2-6 need a GPU (exit code 2).
 Every step's outcome, pass or fail, is recorded; one failure does not hide the others.
@@ -36,6 +38,8 @@ import common as c  # noqa: E402
 from common import at
 
 from support import memory
+from support.plan import training_estimate
+from support.chat import generate_batch
 
 OUT = c.RESULTS / "gpu_check.json"
 PROMPTS = c.ROOT / "data" / "test_harmful.jsonl"
@@ -48,8 +52,11 @@ def sh(cmd: list[str], timeout: int = 3600) -> tuple[bool, str]:
     return p.returncode == 0, tail
 
 
-def train_cli(model: str, out: Path, *extra: str) -> tuple[bool, str]:
-    return sh([sys.executable, "alttrain.py", "--model", model, "--data", str(c.ROOT / "data" / "train.jsonl"),
+TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone")  # 2 processes
+
+
+def train_cli(model: str, out: Path, *extra: str, launch=(sys.executable,)) -> tuple[bool, str]:
+    return sh([*launch, "alttrain.py", "--model", model, "--data", str(c.ROOT / "data" / "train.jsonl"),
                "--n-harmful", "24", "--n-benign", "24", "--ha-model", "template", "--epochs", "2", "--lr", "2e-3",
                "--batch-size", "8", "--save-every", "2", "--out", str(out), *extra])
 
@@ -138,7 +145,7 @@ def step_speed_memory(results: list, table: list):
     for batch in (1, 8, 32):
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        out = at.generate_batch(model, tok, [prompt] * batch, max_new_tokens=256)
+        out = generate_batch(model, tok, [prompt] * batch, max_new_tokens=256)
         torch.cuda.synchronize()
         est = memory.generation(config, quant=True, dtype_bytes=2, batch=batch, prompt_len=len(prompt),
                                 max_new=256, cuda=True)
@@ -189,7 +196,7 @@ def step_recipe_paths(work: Path, results: list):
     targs = at.parse_args(["--batch-size", "8", "--max-len", "256"])
     width = max(len(ex["input_ids"]) for ex in data)
     sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
-    est = lambda m: support.training_estimate(targs, at.load_config(path), True, 2, True, width, sup, m)["total"]
+    est = lambda m: training_estimate(targs, at.load_config(path), True, 2, True, width, sup, m)["total"]
     room = (est(8) + est(4)) / 2 / memory.GiB
     ok1, tail = train_cli("smollm2-135m", small, "--overwrite", "--gpu-memory-gib", f"{room:.4f}", "--max-len", "256")
     cfg = json.loads((small / at.CONFIG_NAME).read_text()) if ok1 else {}
@@ -203,6 +210,42 @@ def step_recipe_paths(work: Path, results: list):
     line = next((l for l in plan.stdout.splitlines() if "needs" in l), plan.stderr.strip()[-200:])
     record(results, "R1-8B --dry-run fits 48 GiB at batch 8",
            plan.returncode == 0 and "micro-batch 8 of batch 8" in plan.stdout, line.strip())
+
+
+def step_two_gpus(work: Path, results: list):
+    """Step 7: torchrun on 2 GPUs (NCCL, support/distributed.py) against one process, on the tiny model in 4-bit bf16:
+    the adapter, a run halted by 2 processes and finished by 1, and eval.py's answers. Skipped with fewer GPUs."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        print(f"[SKIP] torchrun on 2 GPUs: {torch.cuda.device_count()} GPU(s) visible, the check needs 2", flush=True)
+        return results.append(dict(check="torchrun on 2 GPUs", ok=True, skipped=True,
+                                   detail=f"{torch.cuda.device_count()} GPU(s) visible"))
+    tiny = c.model_path("tiny")
+    one, two, mixed = work / "tiny-1gpu", work / "tiny-2gpu", work / "tiny-2then1"
+    ok1, tail1 = train_cli(tiny, one, "--overwrite")
+    ok2, tail2 = train_cli(tiny, two, "--overwrite", launch=TORCHRUN2)
+    diff = adapter_diff(one, two) if ok1 and ok2 else float("nan")
+    # bf16: micro-batches of other widths round differently (the CPU tests compare fp32 within 1e-5)
+    record(results, "torchrun 2 GPUs: the adapter of 1 GPU", ok1 and ok2 and diff < 1e-2,
+           f"max |adapter difference| {diff:.2e}" if ok1 and ok2 else tail1 + tail2)
+    ok3, _ = train_cli(tiny, mixed, "--overwrite", "--halt-after", "3", launch=TORCHRUN2)
+    ok4, tail = train_cli(tiny, mixed, "--resume")
+    diff = adapter_diff(one, mixed) if ok1 and ok3 and ok4 else float("nan")
+    record(results, "halted on 2 GPUs, resumed on 1: the same adapter", ok3 and ok4 and diff < 1e-2,
+           f"max |adapter difference| {diff:.2e}" if ok3 and ok4 else tail)
+    if not ok1:
+        return
+    outs = {}
+    for name, launch in (("1gpu", (sys.executable,)), ("2gpu", TORCHRUN2)):
+        ok, tail = sh([*launch, "eval.py", "--ckpt", str(one), "--bench", str(PROMPTS), "--limit", "16", "--judge",
+                       "keywords", "--max-new-tokens", "32", "--batch-size", "4", "--out", str(work / f"eval-{name}")])
+        if not ok:
+            return record(results, f"eval.py on {name}", False, tail)
+        outs[name] = [json.loads(l)["output"] for l in open(work / f"eval-{name}" / "test_harmful.jsonl")]
+    same = sum(a == b for a, b in zip(outs["1gpu"], outs["2gpu"]))
+    leftover = sorted(p.name for p in (work / "eval-2gpu").glob("*.rank*"))
+    record(results, "torchrun 2 GPUs: eval.py's answers of 1 GPU", same == 16 and not leftover,
+           f"{same}/16 answers identical" + (f"; part files left: {leftover}" if leftover else ""))
 
 
 def record(results: list, check: str, ok: bool, detail: str):
@@ -226,8 +269,8 @@ def main(argv=None) -> int:
     code = 0
     if not torch.cuda.is_available():
         print("CUDA is not available: steps 2-6 (4-bit bf16 training, resume, merge, batched generation, GPU speed "
-              "and memory, the recipe's bf16/chunked-loss/micro-batch paths, ours vs TRL) need a GPU. Nothing more "
-              "to check here.")
+              "and memory, the recipe's bf16/chunked-loss/micro-batch paths, ours vs TRL) need a GPU, and step 7 "
+              "(torchrun) two. Nothing more to check here.")
         report["stopped"] = "no CUDA: steps 2-6 need a GPU"
         code = 2
     else:
@@ -235,7 +278,8 @@ def main(argv=None) -> int:
         work = Path(a.work)
         work.mkdir(parents=True, exist_ok=True)
         for step in (lambda: step_training(work, results), lambda: step_batched_equals_single(work, results),
-                     lambda: step_speed_memory(results, table), lambda: step_recipe_paths(work, results)):
+                     lambda: step_speed_memory(results, table), lambda: step_recipe_paths(work, results),
+                     lambda: step_two_gpus(work, results)):
             try:
                 step()
             except Exception as e:  # record and go on: one failure must not hide the other checks

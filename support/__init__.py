@@ -11,7 +11,8 @@ AltTrain and its evaluation; this package holds what they call, so that the tuto
   models      model aliases (with their dims and R1-Act system prompts), loading tokenizers and models
   chat        chat templates (exactly one <think>, no double BOS) and batched greedy generation
   data        the queries: SafeChain, STAR-1 or a local file, labels, selection
-  verdicts    reading an assessment sentence: does it say help or not?
+  sentences   first sentences, and reading an assessment sentence: does it say help or not?
+  structure   the structure numbers: does the reasoning assess harm first, and what does it decide?
   judges      eval.py's judges (Qwen3Guard, Llama Guard, keywords): parse what they say, never guess
   report      eval.py's rates, bootstrap intervals, structure numbers and markdown tables
   conversations  multi-turn replay and Crescendo attacks (crescendo: the attacker's side)
@@ -19,6 +20,7 @@ AltTrain and its evaluation; this package holds what they call, so that the tuto
   benchmarks  eval.py's benchmark loaders; tasks: answers with a right answer, scored; sandbox: running
               model-written code
   tiny        tiny random models for the tests and benchmarks
+  distributed torchrun: several GPUs or CPU processes (the process group, gradients summed, answers merged)
 
 Import what you need from its module: `from support.files import UserError`.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import tasks
 from .data import normalise_label
-from .files import UserError, find_column, read_table
+from .files import UserError, find_column, read_json, read_table
 
 JBB_ARTIFACTS = "https://raw.githubusercontent.com/JailbreakBench/artifacts/main/attack-artifacts"
 
@@ -36,13 +36,12 @@ def load_jbb_artifact(name: str, artifact: str, args) -> list[dict]:
             raise UserError(f"--bench {name}: neither {candidates[0]} nor {candidates[1]} exists "
                             f"(--jbb-artifacts {src}, --jbb-artifact-model {model})")
         where = str(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        data = read_json(path)
     jailbreaks = data.get("jailbreaks") if isinstance(data, dict) else None
-    if not isinstance(jailbreaks, list) or not all(isinstance(j, dict) and "index" in j for j in jailbreaks):
-        raise UserError(f"{where}: not a JailbreakBench artifact (expected a 'jailbreaks' list of objects with an index)")
+    if not isinstance(jailbreaks, list) or not all(isinstance(j, dict) and isinstance(j.get("index"), int)
+                                                   for j in jailbreaks):
+        raise UserError(f"{where}: not a JailbreakBench artifact (expected a 'jailbreaks' list of objects with "
+                        "an integer index)")
     items = [dict(id=int(j["index"]), prompt=j["prompt"], label="harmful", behavior=j.get("behavior"))
              for j in jailbreaks if isinstance(j.get("prompt"), str) and j["prompt"].strip()]
     args.no_prompt[name] = len(jailbreaks) - len(items)
@@ -68,6 +67,8 @@ def load_local_file(name: str, args) -> list[dict]:
     items = []
     for i, r in enumerate(rows):
         where = f"{name}:{r['_line']}"
+        if r.get(qcol) is not None and not isinstance(r[qcol], str):
+            raise UserError(f"{where}: {qcol!r} must be text, not {type(r[qcol]).__name__}")
         if not str(r.get(qcol) or "").strip():
             raise UserError(f"{where}: empty {qcol!r}")
         label = normalise_label(r[lcol], where) if lcol else args.label

@@ -87,3 +87,17 @@ def generate_all(model, tok, prompts: list[str], max_new_tokens: int, batch_size
         for i, r in zip(idx, generate_batch(model, tok, [encoded[i] for i in idx], max_new_tokens)):
             results[i] = r
     return results
+
+
+def close_think(tok, prompt: str) -> str:
+    """For a reasoning model writing an assessment: prefill an empty <think></think>, so its 64 tokens go
+    to the sentence itself rather than to the start of a long chain of thought."""
+    if template_opens_think(prompt):
+        return prompt + "\n</think>\n\n"
+    return prompt + "<think>\n\n</think>\n\n" if knows_think(tok) else prompt
+
+
+@functools.lru_cache(maxsize=None)
+def knows_think(tok) -> bool:
+    """Is <think> in the vocabulary? (asked once per tokenizer: get_vocab() builds a dict of the whole 128-152K vocabulary)"""
+    return "<think>" in tok.get_vocab()

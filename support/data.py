@@ -3,12 +3,11 @@ source}; every bad row is one error naming the file and line. Then the seeded se
 from __future__ import annotations
 
 import functools
-import os
 import random
 import re
 from pathlib import Path
 
-from .files import UserError, find_column, hub_dataset, read_table
+from .files import UserError, find_column, hub_dataset, read_table, read_text
 
 
 PROMPT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "forbidden_prompt")
@@ -59,10 +58,15 @@ def load_queries(args) -> list[dict]:
     for row in rows:
         where = f"{args.data}:{row['_line']}"
         query = row.get(qcol)
+        if query is not None and not isinstance(query, str):
+            raise UserError(f"{where}: {qcol!r} must be text, not {type(query).__name__}")
         if not isinstance(query, str) or not query.strip():
             raise UserError(f"{where}: empty or missing {qcol!r}")
         response = row.get(rcol) if rcol else None
         ha = row.get(hcol) if hcol else None
+        for col, value in ((rcol, response), (hcol, ha)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: {col!r} must be text, not {type(value).__name__}")
         out.append(dict(query=query.strip(), label=normalise_label(row.get(lcol), where),
                         response=response if isinstance(response, str) and response.strip() else None,
                         ha=ha.strip() if isinstance(ha, str) and ha.strip() else None, source=where))
@@ -101,22 +105,18 @@ def split_response(response: str | None) -> tuple[str, str]:
 @functools.lru_cache(maxsize=None)
 def read_lines(path: Path) -> tuple[str, ...]:
     """The lines of a prompt file (one option a line; # starts a comment), read once per process."""
-    return tuple(l.strip() for l in path.read_text(encoding="utf-8").splitlines()
-                 if l.strip() and not l.startswith("#"))
+    return tuple(l.strip() for l in read_text(path).splitlines() if l.strip() and not l.startswith("#"))
 
 
 def load_ha_prompt(path: str) -> str:
-    if not os.path.isfile(path):
-        raise UserError(f"--ha-prompt {path}: no such file")
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path, "--ha-prompt")
     if "{query}" not in text:
         raise UserError(f"--ha-prompt {path}: the prompt must contain {{query}}")
     return text
 
 
 def read_refusals(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise UserError(f"--cr-refusals {path}: no such file")
+    read_text(path, "--cr-refusals")  # one clear error for a missing, binary or non-UTF-8 file
     lines = read_lines(Path(path))
     if not lines:
         raise UserError(f"--cr-refusals {path}: no refusal lines (one a line; # starts a comment)")
@@ -144,6 +144,11 @@ def read_built(path: str) -> list[dict]:
         if missing:
             raise UserError(f"{path}:{row['_line']}: not a built example (missing {', '.join(missing)});"
                             " use --data for raw queries")
+        for k in ("query", "response"):
+            if not isinstance(row[k], str) or not row[k].strip():
+                raise UserError(f"{path}:{row['_line']}: {k!r} must be non-empty text, not {row[k]!r:.40}")
+        if row["label"] not in ("harmful", "benign"):
+            raise UserError(f"{path}:{row['_line']}: label {row['label']!r} (expected harmful or benign)")
     return [{k: v for k, v in r.items() if k != "_line"} for r in rows]
 
 

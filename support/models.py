@@ -6,7 +6,9 @@ import os
 
 import torch
 
-from .files import UserError
+from pathlib import Path
+
+from .files import UserError, read_json
 from .machine import compute_dtype, convert_gguf, device
 
 
@@ -128,8 +130,32 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0 if device() == "cuda" else "cpu"}
+        # the current GPU: 0 in one process, LOCAL_RANK's under torchrun (support/distributed.py set it)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device() == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quant:
         model.to(device())
     return model
+
+
+def read_checkpoint(folder: str, config_name: str) -> dict:
+    """eval.py --ckpt: the run's config, after checking the files it will load. A config that is not JSON or
+    an adapter that safetensors cannot read (a run killed while saving, a file cut short in a copy) is one
+    error naming the file, not a traceback from deep inside safetensors or PEFT."""
+    cfg = read_json(Path(folder) / config_name, "--ckpt")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("args"), dict) or not isinstance(cfg.get("base_model"), str):
+        raise UserError(f"--ckpt {Path(folder) / config_name}: not an alttrain.py run config (no base_model and args)")
+    if (Path(folder) / "adapter_config.json").exists() and \
+            not isinstance(read_json(Path(folder) / "adapter_config.json", "--ckpt"), dict):
+        raise UserError(f"--ckpt {Path(folder) / 'adapter_config.json'}: not a PEFT adapter config (a JSON object)")
+    adapter = Path(folder) / "adapter_model.safetensors"
+    if adapter.exists():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(adapter), "pt") as f:  # reads the header, which covers the whole file
+                for key in f.keys():
+                    f.get_slice(key).get_shape()
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+            raise UserError(f"--ckpt {adapter}: not a readable safetensors file ({str(e)[:150]}); a run killed "
+                            "while saving? Continue it with alttrain.py --resume") from None
+    return cfg

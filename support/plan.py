@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from . import memory
+from . import distributed as dist, memory
 from .files import UserError
 from .machine import attention_for, compute_dtype, device
 
@@ -75,9 +75,13 @@ def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data:
     without --micro-batch-size the fewest micro-batches that fit are chosen. Before loading, it refuses only
     a run that cannot fit even one example of --max-len tokens; a --micro-batch-size too large for that worst
     case is noted and decided by the real lengths. `already_loaded`: bytes of weights in memory already (not
-    free, and not needed again)."""
+    free, and not needed again). Under torchrun the plan is per rank: each trains its share of a step's batch."""
+    batch, ranks = math.ceil(args.batch_size / dist.world()), dist.world()  # one process: the whole batch
+    if ranks > 1 and (args.micro_batch_size or 0) > batch:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} is more than each of the {ranks} processes' share "
+                        f"of --batch-size {args.batch_size} ({batch}): some would idle; pass at most {batch}")
     if data is None:
-        width, sup, what = args.max_len, [args.max_len] * args.batch_size, f"the longest examples --max-len allows ({args.max_len} tokens each)"
+        width, sup, what = args.max_len, [args.max_len] * batch, f"the longest examples --max-len allows ({args.max_len} tokens each)"
     else:
         width = max(len(ex["input_ids"]) for ex in data)
         sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
@@ -85,21 +89,22 @@ def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data:
     free = memory_free(args, cuda)
     room = float("inf") if free is None else free + already_loaded
     est = {m: training_estimate(args, config, quant, dtype_bytes, cuda, width, sup, m)
-           for m in range(args.batch_size, 0, -1)}
+           for m in range(batch, 0, -1)}
     fitting = [m for m, e in est.items() if e["total"] <= room]
     micro = args.micro_batch_size or 1
     if fitting and not args.micro_batch_size:  # as few micro-batches as fit, of equal size (7 fits 8: two of 4)
-        micro = math.ceil(args.batch_size / math.ceil(args.batch_size / fitting[0]))
+        micro = math.ceil(batch / math.ceil(batch / fitting[0]))
     where = "cuda" if cuda else "cpu"
     free_txt = "unknown" if free is None else f"{free / memory.GiB:.1f} GiB" + (
         " (--gpu-memory-gib)" if getattr(args, "gpu_memory_gib", None) else f" free on {where}")
     chosen = "" if args.micro_batch_size else " (auto: fewest micro-batches that fit)" if fitting else " (nothing fits)"
     print(f"memory plan for training, {what}; {free_txt}")
-    print(f"  micro-batch {micro} of batch {args.batch_size}{chosen}: {math.ceil(args.batch_size / micro)} "
-          f"micro-batch(es) a step, effective batch {args.batch_size}")
-    print(f"  needs {memory.describe(est[min(micro, args.batch_size)])}")
+    share = f" (each of {ranks} processes' share of {args.batch_size})" if ranks > 1 else ""
+    print(f"  micro-batch {micro} of batch {batch}{share}{chosen}: {math.ceil(batch / micro)} "
+          f"micro-batch(es) a step{' per process' if ranks > 1 else ''}, effective batch {args.batch_size}")
+    print(f"  needs {memory.describe(est[min(micro, batch)])}" + (" per process" if ranks > 1 else ""))
     print("  by micro-batch: " + ", ".join(f"{m}: {e['total'] / memory.GiB:.1f}" for m, e in est.items()) + " GiB")
-    need = est[min(micro, args.batch_size)]["total"]
+    need = est[min(micro, batch)]["total"]
     if need <= room or args.skip_memory_check:
         return micro
     if data is None and fitting:

@@ -2,11 +2,10 @@
 runs side by side with --compare)."""
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from . import tasks
+from .files import UserError, read_json
 from .judges import judged_text, keyword_refusal
 from .structure import assesses_first, first_assessment, harmful_verdict
 
@@ -81,7 +80,7 @@ def markdown_table(results: dict) -> str:
                     f"{b['first_harmful_turn_mean'] or 0:.1f} on average {b['first_harmful_turn_counts']}"
                     for name, b in results["benchmarks"].items() if "any_turn_rate" in b)
     note += "".join(f"\n{name}: {b['no_code']} of {b['n']} answers had no code (counted as failed), "
-                    f"{b['timeouts']} programs ran past the time limit"
+                    f"{b['timeouts']} programs ran past the time limit; isolation: {b.get('isolation') or '-'}"
                     for name, b in results["benchmarks"].items() if "no_code" in b)
     note += "".join(f"\n{k} over: {', '.join(v)}" for k, v in s.get("sets", {}).items() if v)
     if results.get("defense", "none") != "none":
@@ -105,8 +104,38 @@ def general_table(general: dict) -> str:
     return "\n".join(rows)
 
 
+def read_results(path: str) -> dict:
+    """A results.json written by eval.py; anything else (another JSON file, a table, a binary file) is one
+    error naming the file."""
+    data = read_json(path, "--compare")
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), dict) or \
+            not isinstance(data.get("general", {}), dict) or not isinstance(data.get("summary"), dict) or \
+            not isinstance(data.get("judge"), str) or not all(isinstance(b, dict) for k in ("benchmarks", "general")
+                                           for b in (data.get(k) or {}).values()):
+        raise UserError(f"--compare {path}: not a results.json of eval.py (expected an object with "
+                        "'benchmarks', 'summary' and 'judge')")
+    for block in ("benchmarks", "general"):
+        for name, b in (data.get(block) or {}).items():
+            for metric in COMPARED:
+                if not is_number(b.get(metric)):
+                    raise UserError(f"--compare {path}: {block}.{name}.{metric} is {b[metric]!r:.40}, not a number")
+    for metric in SUMMARY:
+        if not is_number(data["summary"].get(metric)):
+            raise UserError(f"--compare {path}: summary.{metric} is {data['summary'][metric]!r:.40}, not a number")
+    return data
+
+
+def is_number(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+COMPARED = ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "unfinished_think", "ha_agrees",
+            "benign_ha_then_answer", "harmful_ha_then_refusal")  # what --compare puts side by side
+SUMMARY = ("harmful_avg", "over_refusal", "reasoning_avg")
+
+
 def compare(a_path: str, b_path: str) -> str:
-    a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
+    a, b = (read_results(p) for p in (a_path, b_path))
     rows = ["| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
             f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
     for block in ("benchmarks", "general"):
@@ -115,15 +144,14 @@ def compare(a_path: str, b_path: str) -> str:
             rows.append("| **General tasks** | | | | |")
         for name in names:
             ra, rb = a.get(block, {}).get(name, {}), b.get(block, {}).get(name, {})
-            for metric in ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "unfinished_think",
-                           "ha_agrees", "benign_ha_then_answer", "harmful_ha_then_refusal"):
+            for metric in COMPARED:
                 if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
                     continue
                 x, y = ra.get(metric), rb.get(metric)
                 label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
                 d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
                 rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
-    for metric in ("harmful_avg", "over_refusal", "reasoning_avg"):
+    for metric in SUMMARY:
         x, y = a["summary"].get(metric), b["summary"].get(metric)
         if x is None and y is None:
             continue
@@ -148,7 +176,11 @@ def summarise_capability(records: list[dict], n_boot: int, seed: int) -> dict:
                 rate=mean(values), ci95=[lo, hi], **extras, unparsed=sum(not r["score"]["parsed"] for r in records),
                 unparsed_examples=[r["answer"][-200:] for r in records if not r["score"]["parsed"]][:3],
                 **({"no_code": sum(r["score"].get("status") == "no code" for r in records),
-                    "timeouts": sum(r["score"].get("status") == "timeout" for r in records)} if label == "code" else {}),
+                    "timeouts": sum(r["score"].get("status") == "timeout" for r in records),
+                    # how the programs were isolated (support/sandbox.py); scores kept from an earlier run may differ
+                    "isolation": ", ".join(sorted({r["score"]["isolation"] for r in records
+                                                   if r["score"].get("isolation")})) or None}
+                   if label == "code" else {}),
                 **output_stats(records), assessment_first=None, harmful_verdict_then_refusal=None, n_harmful_verdict=0,
                 ha_agrees=None, n_assessed=0, benign_ha_then_answer=None, n_benign_ha=0, harmful_ha_then_refusal=None,
                 n_harmful_ha=0)

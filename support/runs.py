@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .files import UserError, require_positive, write_jsonl
+from . import distributed as dist
+from .files import UserError, read_json, require_positive, write_jsonl
 from .models import load_model
 
 
@@ -35,15 +36,20 @@ def prepare_out_dir(args) -> Path:
     out = Path(args.out)
     cfg_path = out / CONFIG_NAME
     if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = read_json(cfg_path)
+        except UserError as e:  # a damaged config: only --overwrite may replace what is there
+            if not args.overwrite:
+                raise UserError(f"{e}; pass --overwrite to start this run again, or choose another --out") from None
+            cfg = {}
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_path}: not a run config of alttrain.py; pass --overwrite or choose another --out")
         if cfg.get("finished") and not args.overwrite:
             raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it, "
                             "or choose another --out")
         if not cfg.get("finished") and not (args.resume or args.overwrite):
             raise UserError(f"--out {out} holds an unfinished run; pass --resume to continue it or "
                             "--overwrite to start again")
-        if args.overwrite:
-            shutil.rmtree(out)
     elif args.resume:
         raise UserError(f"--resume: {out} holds no run to continue")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,10 +64,18 @@ HOW_TO_RUN = ("resume", "overwrite", "halt_after", "micro_batch_size", "skip_mem
               "dry_run", "loss_chunk", "dtype", "attention")
 
 
+def clear_old_run(out: Path):
+    """--overwrite: remove the old run's files, called only once the new examples are built, so a run that
+    fails to start (a bad --data file, a refused plan) never costs the run that was there."""
+    for name in os.listdir(out):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def check_resume_matches(out: Path, config: dict):
     """--resume must continue the same run, or it would not end where the original would: the same examples
     (by hash) and the same flags, apart from the ones that only say how to run it."""
-    old = json.loads((out / CONFIG_NAME).read_text())
+    old = read_json(out / CONFIG_NAME)
     if old.get("data_sha256") != config["data_sha256"]:
         raise UserError(f"--resume: the examples differ from the run in {out}")
     now = json.loads(json.dumps(config["args"]))  # tuples -> lists, as stored
@@ -78,7 +92,14 @@ def check_resume_matches(out: Path, config: dict):
 def truncate_log(out: Path, step: int):
     """On resume: drop the log rows after the checkpoint's step (those steps are trained, and logged, again)."""
     log = out / LOG_NAME
-    rows = [r for r in map(json.loads, open(log, encoding="utf-8")) if r["step"] <= step] if log.exists() else []
+    rows = []
+    for line in open(log, encoding="utf-8") if log.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write: that step is trained and logged again
+            break
+        if row["step"] <= step:
+            rows.append(row)
     write_jsonl(log, rows)
 
 
@@ -97,21 +118,32 @@ def save_checkpoint(out: Path, model, optimizer, step: int):
 
 
 def load_checkpoint(out: Path, model, optimizer) -> int:
+    """The checkpoint's step (0 if none), its adapter, optimiser state and RNG loaded. Under torchrun rank 0 alone
+    reads the run folder and the others receive what it read (no shared filesystem needed, any number of ranks)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    ckpt = out / CKPT_NAME
-    if not ckpt.exists() and (out / (CKPT_NAME + ".old")).exists():  # killed mid-swap
-        ckpt = out / (CKPT_NAME + ".old")
-    if not ckpt.exists():
+    found = dist.broadcast(read_saved_checkpoint(out) if dist.is_main() else None)
+    if found is None:
         return 0
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    adapter, state = found
+    set_peft_model_state_dict(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
     return state["step"]
+
+
+def read_saved_checkpoint(out: Path) -> tuple[dict, dict] | None:
+    """(adapter weights, trainer state) of the run's checkpoint, or None."""
+    from safetensors.torch import load_file
+    ckpt = out / CKPT_NAME
+    if not ckpt.exists() and (out / (CKPT_NAME + ".old")).exists():  # killed mid-swap
+        ckpt = out / (CKPT_NAME + ".old")
+    if not ckpt.exists():
+        return None
+    return (load_file(str(ckpt / "adapter_model.safetensors")),
+            torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu" if dist.world() > 1 else None))
 
 
 def save_final(out: Path, model, tok):

@@ -75,6 +75,9 @@ def as_list(value):
 def task_item(i: int, row: dict, prompt_column: str | None = None) -> dict:
     """One row of any schema above -> an item. Raises TaskError with what is missing."""
     if {"entry_point", "test", "prompt"} <= set(row):
+        for col in ("prompt", "test", "entry_point"):
+            if not isinstance(row[col], str) or not row[col].strip():
+                raise TaskError(f"{col!r} must be non-empty text (HumanEval's schema), not {row[col]!r:.40}")
         return dict(id=i, label="code", task_id=row.get("task_id", str(i)), code_prompt=row["prompt"],
                     test=row["test"], entry_point=row["entry_point"], reference=row["entry_point"],
                     prompt=prompt_file("code_prompt.txt").format(prompt=row["prompt"].rstrip()))
@@ -85,11 +88,15 @@ def task_item(i: int, row: dict, prompt_column: str | None = None) -> dict:
     acol = column(row, ANSWER_COLUMNS)
     if qcol is None or acol is None:
         raise TaskError(f"no question or answer column (found {', '.join(row)})")
+    if isinstance(row[qcol], (list, dict)):
+        raise TaskError(f"{qcol!r} must be text, not {type(row[qcol]).__name__}")
     question, answer = str(row[qcol] or "").strip(), row[acol]
     if not question or answer is None or str(answer).strip() == "":
         raise TaskError(f"empty {qcol!r} or {acol!r}")
     choices = as_list(row.get("choices")) or ([row[c] for c in "ABCD"] if all(c in row for c in "ABCD") else None)
     if choices:
+        if str(answer).strip().isdigit() and int(answer) >= min(len(choices), 10):
+            raise TaskError(f"answer {answer!r} is not the index of one of the {len(choices)} choices")
         letter = "ABCDEFGHIJ"[int(answer)] if str(answer).strip().isdigit() else str(answer).strip().upper()
         zh = has_chinese(question)
         body = question + "\n\n" + "\n".join(f"{'ABCDEFGHIJ'[k]}. {c}" for k, c in enumerate(choices))
@@ -262,7 +269,7 @@ def score(rec: dict, limits=None) -> dict:
             return dict(pred=None, parsed=False, correct=False, status="no code")
         result = sandbox.run_program(code_program(rec, code), limits)
         return dict(pred=code, parsed=True, correct=result.passed, status=result.status,
-                    seconds=result.seconds, output=result.output[-500:])
+                    seconds=result.seconds, output=result.output[-500:], isolation=result.isolation)
     if label == "qa":
         pred = short_answer(text) if text else ""
         return dict(pred=pred, parsed=bool(pred), correct=bool(pred) and any(

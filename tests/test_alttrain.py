@@ -356,7 +356,7 @@ def test_ha_weight_flag_checked(tiny_dir, tmp_path):
 
 
 def test_verdict_fit_checks_the_token_that_opens_the_assessment(tiny_dir, monkeypatch):
-    """bench/verdict_fit.py: a model that always predicts the harmful opener's first token gets every harmful
+    """scripts/verdict_fit.py: a model that always predicts the harmful opener's first token gets every harmful
     verdict right and every benign one wrong, whatever comes before."""
     import sys
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
@@ -647,6 +647,45 @@ def test_finished_run_is_not_overwritten(tiny_dir, data_file, tmp_path, capsys):
     assert all(json.loads(l)["ha"] == "" for l in open(out / "alttrain_data.jsonl"))
 
 
+def test_overwrite_with_bad_data_keeps_the_old_run(tiny_dir, data_file, tmp_path, capsys):
+    """--overwrite removes the old run only once the new examples are built: a run that fails to start (here a
+    binary --data file) leaves every file of the old one as it was."""
+    out = tmp_path / "run"
+    assert small_run(tiny_dir, data_file, out) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\x00\x01\xff\xfe binary")
+    err = error_of(capsys, "--model", tiny_dir, "--data", bad, "--ha-model", "template", "--overwrite", "--out", out)
+    assert "bad.jsonl" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert small_run(tiny_dir, data_file, out, "--structure", "no-ha", "--overwrite") == 0  # a good one replaces it
+    assert all(json.loads(l)["ha"] == "" for l in open(out / "alttrain_data.jsonl"))
+
+
+def test_damaged_run_config_is_one_line_and_overwrite_replaces_it(tiny_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "alttrain_config.json").write_text('{"finished": tru')  # a config cut short
+    for extra in ((), ("--resume",)):
+        err = error_of(capsys, "--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--out", out, *extra)
+        assert "alttrain_config.json:1: not valid JSON" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "alttrain_config.json").read_text() == '{"finished": tru'
+    assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
+                   "--overwrite", "--out", out) == 0
+    assert json.loads((out / "alttrain_config.json").read_text())["finished"]
+
+
+def test_resume_after_a_torn_log_line(tiny_dir, data_file, tmp_path):
+    """A kill in the middle of writing a log row leaves half a line: --resume drops it and logs each step once."""
+    out = tmp_path / "r"
+    assert small_run(tiny_dir, data_file, out, "--save-every", 2, "--halt-after", 3) == 0
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.1')
+    assert small_run(tiny_dir, data_file, out, "--save-every", 2, "--resume") == 0
+    assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == list(range(1, 7))
+
+
 def test_built_set_round_trip(tiny_dir, data_file, tmp_path):
     """--build-only output can be trained on with --built (how the quick start's set is made)."""
     assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
@@ -724,7 +763,7 @@ def test_merge_writes_equivalent_full_weights(tiny_dir, data_file, tmp_path):
 
 
 def test_verdict_fit_reads_the_assessment_after_the_models_own_pu(monkeypatch):
-    """bench/verdict_fit.py's own-PU measure: the verdict of the assessment the model writes after its own PU
+    """scripts/verdict_fit.py's own-PU measure: the verdict of the assessment the model writes after its own PU
     (read as eval.py reads it) is compared with the label; no assessment counts as wrong."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     import verdict_fit as vf

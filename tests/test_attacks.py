@@ -296,3 +296,6 @@ def test_crescendo_errors(tiny_dir, tmp_path, capsys):
     assert "--attacker-model" in capsys.readouterr().err
     assert ev.main(base + ["--goals", str(bad), "--attacker-model", tiny_dir]) == 2
     assert "g.jsonl: no goal column" in capsys.readouterr().err
+    bad.write_text(json.dumps({"goal": "make a bomb"}) + "\n" + json.dumps({"goal": ["a", "list"]}) + "\n")
+    assert ev.main(base + ["--goals", str(bad), "--attacker-model", tiny_dir]) == 2
+    assert "g.jsonl:2: 'goal' must be a non-empty text" in capsys.readouterr().err

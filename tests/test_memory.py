@@ -1,4 +1,4 @@
-"""Tests for memory.py's estimates and the checks in alttrain.py / eval.py (CPU, nothing downloaded)."""
+"""Tests for support/memory.py's estimates and the checks in alttrain.py / eval.py (CPU, nothing downloaded)."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Tasks with a right answer (tasks.py) and the sandbox that runs model-written code (sandbox.py)."""
+"""Tasks with a right answer (support/tasks.py) and the sandbox that runs model-written code (support/sandbox.py)."""
 import json
 import os
 import sys
