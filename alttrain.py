@@ -621,7 +621,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    return cli("alttrain.py", build_parser(), run, argv)
+    return dist.finish(cli("alttrain.py", build_parser(), run, argv))  # torchrun: all processes end together
 
 
 def run(args):

@@ -379,8 +379,8 @@ def score_records(records: list[dict], args=None):
 #    numbers: does the reasoning assess harm before solving, and act on it? (support/structure.py)
 # =====================================================================================================
 def main(argv=None) -> int:
-    return cli("eval.py", build_parser(), lambda args: print(compare(*args.compare)) if args.compare else run(args),
-                  argv)
+    rc = cli("eval.py", build_parser(), lambda args: print(compare(*args.compare)) if args.compare else run(args), argv)
+    return dist.finish(rc)  # torchrun: all processes end together
 
 
 def run(args):

@@ -71,6 +71,17 @@ def teardown():
         td.destroy_process_group()
 
 
+def finish(rc: int) -> int:
+    """End of a script: after a success every process waits for the others (rank 0 still writing the adapter
+    or the report), then all leave the group together. A process that leaves the group while another still
+    works in it was seen to abort at exit (gloo: 'terminate called without an active exception'). After a
+    failure there is no wait: torchrun stops the others when one exits with an error."""
+    if rc == 0 and td.is_initialized():
+        td.barrier()
+    teardown()
+    return rc
+
+
 def barrier():
     if world() > 1:
         td.barrier()
