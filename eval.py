@@ -245,13 +245,7 @@ def load_policy(args, benches: dict):
     dtype, why = compute_dtype(args.dtype)
     print(f"precision: {why}")
     if args.ckpt:
-        cfg_path = Path(args.ckpt) / CONFIG_NAME
-        if not cfg_path.exists():
-            raise UserError(f"--ckpt {args.ckpt}: no {CONFIG_NAME}; is this an output folder of alttrain.py?")
-        cfg = read_checkpoint(args.ckpt, CONFIG_NAME)  # a broken config or adapter file: one clear error
-        if not (Path(args.ckpt) / "adapter_model.safetensors").exists():
-            raise UserError(f"--ckpt {args.ckpt}: no adapter (the run did not finish; continue it with "
-                            "alttrain.py --resume)")
+        cfg = read_checkpoint(args.ckpt, CONFIG_NAME)  # a missing or broken config or adapter: one clear error
         if args.system_prompt is None:
             args.system_prompt = cfg["args"].get("system_prompt")
         path, tok = cfg["base_model"], load_tokenizer(args.ckpt)

@@ -139,9 +139,12 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
 
 
 def read_checkpoint(folder: str, config_name: str) -> dict:
-    """eval.py --ckpt: the run's config, after checking the files it will load. A config that is not JSON or
-    an adapter that safetensors cannot read (a run killed while saving, a file cut short in a copy) is one
-    error naming the file, not a traceback from deep inside safetensors or PEFT."""
+    """eval.py --ckpt: the run's config, after checking that the files it will load are there and readable. A
+    missing config or adapter, a config that is not JSON, or an adapter that safetensors cannot read (a run
+    killed while saving, a file cut short in a copy) is one error naming the file, not a traceback from deep
+    inside safetensors or PEFT."""
+    if not (Path(folder) / config_name).exists():
+        raise UserError(f"--ckpt {folder}: no {config_name}; is this an output folder of alttrain.py?")
     cfg = read_json(Path(folder) / config_name, "--ckpt")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("args"), dict) or not isinstance(cfg.get("base_model"), str):
         raise UserError(f"--ckpt {Path(folder) / config_name}: not an alttrain.py run config (no base_model and args)")
@@ -149,13 +152,14 @@ def read_checkpoint(folder: str, config_name: str) -> dict:
             not isinstance(read_json(Path(folder) / "adapter_config.json", "--ckpt"), dict):
         raise UserError(f"--ckpt {Path(folder) / 'adapter_config.json'}: not a PEFT adapter config (a JSON object)")
     adapter = Path(folder) / "adapter_model.safetensors"
-    if adapter.exists():
-        from safetensors import safe_open
-        try:
-            with safe_open(str(adapter), "pt") as f:  # reads the header, which covers the whole file
-                for key in f.keys():
-                    f.get_slice(key).get_shape()
-        except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
-            raise UserError(f"--ckpt {adapter}: not a readable safetensors file ({str(e)[:150]}); a run killed "
-                            "while saving? Continue it with alttrain.py --resume") from None
+    if not adapter.exists():
+        raise UserError(f"--ckpt {folder}: no adapter (the run did not finish; continue it with alttrain.py --resume)")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(adapter), "pt") as f:  # reads the header, which covers the whole file
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+        raise UserError(f"--ckpt {adapter}: not a readable safetensors file ({str(e)[:150]}); a run killed "
+                        "while saving? Continue it with alttrain.py --resume") from None
     return cfg

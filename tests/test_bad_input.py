@@ -236,6 +236,15 @@ def test_a_broken_checkpoint_is_one_clear_error(damage, run_folder):
     expect_clear_error(lambda p: models.read_checkpoint(str(run_folder), CONFIG_NAME), target, None)
 
 
+def test_a_checkpoint_missing_a_file_is_one_clear_error(run_folder):
+    (run_folder / "adapter_model.safetensors").unlink()  # a run that never finished
+    with pytest.raises(files.UserError, match="no adapter .*alttrain.py --resume"):
+        models.read_checkpoint(str(run_folder), CONFIG_NAME)
+    (run_folder / CONFIG_NAME).unlink()  # not a run folder at all
+    with pytest.raises(files.UserError, match=f"no {CONFIG_NAME}; is this an output folder of alttrain.py"):
+        models.read_checkpoint(str(run_folder), CONFIG_NAME)
+
+
 # ------------------------------------------------------------------------------------------------ #
 # Through the command lines: one line on stderr, exit code 2, and nothing already written is lost
 # ------------------------------------------------------------------------------------------------ #
