@@ -23,7 +23,6 @@ import json
 import re
 import string
 from collections import Counter
-from pathlib import Path
 
 from support.files import PROMPTS
 REASONING, GENERAL = ("math", "code", "mc"), ("qa", "zh-mc", "summ")
