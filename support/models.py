@@ -135,7 +135,27 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quant:
         model.to(device())
+    model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
     return model
+
+
+def contiguous_input(module, args):
+    """A forward pre-hook for the LM head. Generation computes it on the prompt's last position, hidden[:, -1:]:
+    a [batch, 1, hidden] view whose batch stride is not a [batch, 1] tensor's. torch.matmul folds such an input
+    into one mm only when the weight requires a gradient; for a frozen head (a PEFT model's) it runs a bmm
+    against the weight expanded per prompt, and on CPU in bf16 oneDNN copies that expansion first: 2.3 GB
+    and 5.4 s for 40 prompts with SmolLM2's 49K vocabulary (results/precision.md). A contiguous input is one mm."""
+    return (args[0].contiguous(),) + args[1:]
+
+
+def lora_input_casting(model, on: bool) -> None:
+    """Turn PEFT's cast of each LoRA layer's input to the LoRA weights' dtype on or off (its own switch,
+    `cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting flips too). Off is only right
+    under autocast, which casts the matmul's inputs itself; outside it, bf16 inputs would meet fp32 weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = on
 
 
 def read_checkpoint(folder: str, config_name: str) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from . import distributed as dist, memory
 from .files import UserError
-from .machine import attention_for, compute_dtype, device
+from .machine import attention_for, compute_dtype, device, pad_multiple
 
 
 # =====================================================================================================
@@ -83,9 +83,11 @@ def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data:
     if data is None:
         width, sup, what = args.max_len, [args.max_len] * batch, f"the longest examples --max-len allows ({args.max_len} tokens each)"
     else:
-        width = max(len(ex["input_ids"]) for ex in data)
+        pad = pad_multiple("cuda" if cuda else "cpu", torch.bfloat16 if dtype_bytes == 2 else torch.float32)
+        longest = max(len(ex["input_ids"]) for ex in data)
+        width = -(-longest // pad) * pad  # as the loop pads it (collate)
         sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
-        what = f"the data's real lengths (longest {width} tokens)"
+        what = f"the data's real lengths (longest {longest} tokens" + (f", padded to {width})" if width > longest else ")")
     free = memory_free(args, cuda)
     room = float("inf") if free is None else free + already_loaded
     est = {m: training_estimate(args, config, quant, dtype_bytes, cuda, width, sup, m)

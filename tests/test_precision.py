@@ -123,3 +123,126 @@ def test_training_uses_the_chosen_attention_and_both_train_the_same(tiny_dir, da
     assert logs["auto"] == pytest.approx(logs["sdpa"], rel=1e-4) and logs["auto"][-1] < logs["auto"][0]
     for name, t in adapters["auto"].items():
         assert torch.allclose(t, adapters["sdpa"][name], rtol=1e-3, atol=1e-5), name
+
+
+def test_bf16_on_cpu_pads_lengths_to_a_multiple_and_the_loss_is_the_same(tiny_dir):
+    """pad_multiple: 16 for bf16 on CPU (fewer matmul shapes for oneDNN to build), 1 elsewhere. collate's extra
+    positions are padding like any other: masked, unsupervised, weight 0; the loss and the LoRA gradients
+    are those of the unpadded batch (fp32, up to float rounding)."""
+    from support.machine import pad_multiple
+    assert pad_multiple("cpu", torch.bfloat16) == 16
+    assert pad_multiple("cpu", torch.float32) == pad_multiple("cuda", torch.bfloat16) == 1
+    tok = at.load_tokenizer(tiny_dir)
+    exs = [at.encode_example(tok, f"question {i}" * (i + 1), f"<think>\nthe answer is {i}\n</think>\n\nit is {i}",
+                             ha=f"the answer is {i}", ha_weight=3.0) for i in range(3)]
+    longest = max(len(e["input_ids"]) for e in exs)
+    plain, padded = at.collate(exs, tok.pad_token_id), at.collate(exs, tok.pad_token_id, 16)
+    assert plain["input_ids"].shape[1] == longest and padded["input_ids"].shape[1] == -(-longest // 16) * 16 > longest
+    for key in plain:  # the same batch, then padding only
+        assert torch.equal(padded[key][:, :longest], plain[key]), key
+    extra = {k: v[:, longest:] for k, v in padded.items()}
+    assert (extra["attention_mask"] == 0).all() and (extra["labels"] == -100).all() and (extra["weights"] == 0).all()
+    assert (extra["input_ids"] == tok.pad_token_id).all()
+    assert torch.equal(at.collate(exs, tok.pad_token_id, longest)["input_ids"], plain["input_ids"])  # already a multiple
+
+    args = at.build_parser().parse_args(["--no-grad-ckpt"])
+    torch.manual_seed(0)
+    model = at.add_lora(at.load_model(tiny_dir, quant=False, dtype=torch.float32), args, quant=False)
+    for p in model.parameters():  # B is zero at initialisation: give the adapter something to say
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    grads = []
+    for batch in (plain, padded):
+        loss = at.response_loss_sum(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad()
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_peft_input_cast_is_left_out_only_under_bf16_autocast_and_changes_nothing(tiny_dir, data_file, tmp_path):
+    """Under bf16 autocast the loop switches off PEFT's cast of LoRA inputs to fp32 (autocast casts them back to
+    bf16 anyway): the same loss and LoRA gradients, bit for bit. It is switched off only while a bf16 loop
+    runs, and on again after it (outside autocast, bf16 inputs would meet fp32 LoRA weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from support.models import lora_input_casting
+    tok = at.load_tokenizer(tiny_dir)
+    args = at.build_parser().parse_args(["--no-grad-ckpt"])
+    torch.manual_seed(0)
+    model = at.add_lora(at.load_model(tiny_dir, quant=False, dtype=torch.bfloat16), args, quant=False)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = at.collate([at.encode_example(tok, f"question {i}", f"<think>\nthe answer is {i}\n</think>\n\nit is {i}")
+                        for i in range(4)], tok.pad_token_id)
+    out = {}
+    for on in (True, False):
+        lora_input_casting(model, on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = at.response_loss_sum(model, batch)
+        loss.backward()
+        out[on] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    assert torch.equal(out[True][0], out[False][0])  # the forward is the same computation
+    assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
+
+    # in the loop: off while a bf16 loop computes a loss, on while an fp32 loop does, on after both
+    seen, models, real = {}, {}, at.response_loss_sum
+    layers = lambda m: [x for x in m.modules() if isinstance(x, BaseTunerLayer)]
+
+    def spy(m, b, chunk=0):
+        seen.setdefault(dtype, set()).update(x.cast_input_dtype_enabled for x in layers(m))
+        models[dtype] = m
+        return real(m, b, chunk)
+
+    common = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--batch-size", "4",
+              "--optim", "adamw", "--no-grad-ckpt"]
+    for dtype in ("bf16", "fp32"):
+        at.response_loss_sum = spy
+        try:
+            assert at.main(common + ["--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        finally:
+            at.response_loss_sum = real
+    assert seen == {"bf16": {False}, "fp32": {True}}
+    assert all(x.cast_input_dtype_enabled for m in models.values() for x in layers(m))
+
+
+def test_generation_computes_a_frozen_lm_head_as_one_matmul(tiny_dir):
+    """The prompt's last position, hidden[:, -1:], is a view torch.matmul does not fold into one mm when the
+    head's weight is frozen (as under PEFT): it runs a bmm against the weight expanded per prompt, which oneDNN
+    copies first in bf16 on CPU (5.4 s for SmolLM2 and 40 prompts). load_model's hook makes the input
+    contiguous: a PEFT model's generation computes the head as one matmul, and the answers do not change."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from support.chat import generate_batch
+    from support.models import load_model
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if torch.is_tensor(a)]))
+            return func(*args, **(kwargs or {}))
+
+    tok = at.load_tokenizer(tiny_dir)
+    model = get_peft_model(load_model(tiny_dir, quant=False, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    assert not head.weight.requires_grad  # frozen: the case torch.matmul does not fold
+    prompts = [tok("a question " * n).input_ids for n in (3, 5, 7)]
+    with torch.no_grad(), Ops() as ops:
+        answers = generate_batch(model, tok, prompts, 3)
+    on_head = [(name, shapes) for name, shapes in ops.calls if any(vocab in s for s in shapes[1:])]
+    names = [name for name, _ in on_head]
+    assert "mm" in names and "bmm" not in names, on_head  # prefill and every new token: one mm each
+    hidden = torch.randn(3, 5, head.in_features)
+    with Ops() as ops:
+        out = head(hidden[:, -1:])
+    assert "bmm" not in [name for name, _ in ops.calls]
+    assert torch.allclose(out, hidden[:, -1:] @ head.weight.T, atol=1e-5)
+    head._forward_pre_hooks.clear()  # without the hook: the same answers (it changes the kernel, not the math)
+    assert generate_batch(model, tok, prompts, 3) == answers
