@@ -28,7 +28,8 @@ Features
   * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AVX512-BF16 or
     AMX): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
     and the loss stay fp32. Elsewhere fp32. On CPU the loop uses eager attention (--attention auto: faster
-    than PyTorch's CPU SDPA backward at short lengths), on CUDA SDPA.
+    than PyTorch's CPU SDPA backward at short lengths), on CUDA SDPA; in bf16 on CPU it pads micro-batch
+    lengths to a multiple of 16 (support/machine.py: pad_multiple says why).
   * Steps are formed at --batch-size; a micro-batch only splits a step (gradients add up), so micro-batches
     of 8, 2 or 1 are the same training. The LM head + loss run in chunks of --loss-chunk positions,
     recomputed in backward, so a batch of long traces never holds all its vocabulary-wide logits.

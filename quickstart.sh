@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in about 15 minutes on 2 cores.
+# AltTrain quick start: SmolLM2-135M-Instruct on CPU, offline, in 7-20 minutes on 2 cores (README.md).
 #   1. evaluate the untrained model on the held-out part of data/ (harmful, benign, benign-but-scary,
 #      GSM-style math)
 #   2. train it with AltTrain on data/train.jsonl

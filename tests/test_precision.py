@@ -246,3 +246,21 @@ def test_generation_computes_a_frozen_lm_head_as_one_matmul(tiny_dir):
     assert torch.allclose(out, hidden[:, -1:] @ head.weight.T, atol=1e-5)
     head._forward_pre_hooks.clear()  # without the hook: the same answers (it changes the kernel, not the math)
     assert generate_batch(model, tok, prompts, 3) == answers
+
+
+def test_the_memory_plan_counts_the_padded_length(monkeypatch, capsys):
+    """The plan estimates the widest micro-batch as the loop will form it: in bf16 on CPU, padded to 16."""
+    from types import SimpleNamespace
+    import support.plan
+    widths = []
+    real = support.plan.training_estimate
+    monkeypatch.setattr(support.plan, "training_estimate",
+                        lambda *a: widths.append(a[5]) or real(*a))
+    args = at.parse_args(["--batch-size", "2", "--no-quant", "--skip-memory-check"])
+    dims = SimpleNamespace(**at.MODEL_ALIASES["smollm2-135m"]["dims"])
+    data = [dict(input_ids=[1] * n, labels=[-100] * 5 + [1] * (n - 5)) for n in (37, 20)]
+    for dtype_bytes, width in ((2, 48), (4, 37)):
+        widths.clear()
+        support.plan.plan_training(args, dims, False, dtype_bytes, False, data)
+        assert set(widths) == {width}
+        assert ("padded to 48" in capsys.readouterr().out) == (width == 48)
