@@ -25,8 +25,8 @@ Features
   * QLoRA SFT in a plain PyTorch loop (no Trainer): 4-bit NF4 base with double quantisation, LoRA on all
     linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing, length-grouped
     batches, loss only on the response (EOS included) normalised per supervised token of the step.
-  * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AVX512-BF16 or
-    AMX): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
+  * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AMX, or with
+    AVX512-BF16 where a short matmul probe finds bf16 faster): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
     and the loss stay fp32. Elsewhere fp32. On CPU the loop uses eager attention (--attention auto: faster
     than PyTorch's CPU SDPA backward at short lengths), on CUDA SDPA; in bf16 on CPU it pads micro-batch
     lengths to a multiple of 16 (support/machine.py: pad_multiple says why).
@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="compute precision: bf16 = forward under torch.autocast with bf16 base weights (LoRA "
                         "weights, gradients, optimiser state and the loss stay fp32). auto: bf16 where the device "
-                        "computes it natively (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or AMX), else fp32")
+                        "computes it natively (CUDA GPUs since Ampere; CPUs with AMX, or AVX512-BF16 where a matmul probe "
+                        "finds it faster), else fp32")
 
     g = p.add_argument_group("data (paper section 4: which queries)")
     g.add_argument("--data", default="safechain",

@@ -2,9 +2,11 @@
 (a GGUF in a pip package, converted once), keep_freed_memory() (a CPU speed-up)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -19,32 +21,65 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+BF16_PROBE_MIN = 1.5  # AVX512-BF16 without AMX: bf16 only if the probe's matmul runs at least this much faster
+
+
 def native_bf16(dev: str) -> bool:
-    """Does this device compute bf16 natively? CUDA: PyTorch's own check (Ampere and newer). CPU: AVX512-BF16
-    or AMX, from PyTorch's cpuinfo-based checks (the same CPUID flags oneDNN reads to pick its bf16 kernels;
-    a timed probe would be slower and at the mercy of whatever else the machine is doing)."""
+    """Does this device compute bf16 faster than fp32? (bf16_check's answer without its reason.)"""
+    return bf16_check(dev)[0]
+
+
+def bf16_check(dev: str) -> tuple[bool, str]:
+    """(bf16 is the faster choice here, why). CUDA: PyTorch's own check (Ampere and newer). CPU, from PyTorch's
+    cpuinfo checks (the CPUID flags oneDNN reads to pick its bf16 kernels):
+      - AMX: yes (bf16 matrix units; matmuls 6-10x fp32's on the 2-core Xeon of results/precision.md);
+      - neither AMX nor AVX512-BF16: no, and nothing is timed;
+      - AVX512-BF16 without AMX: the flag does not settle it, so a matmul probe does (bf16_matmul_speedup).
+        On an AMD EPYC, bf16 matmuls ran 2.4-2.6x as fast as fp32, and training steps 1.45x. On the Xeon with
+        oneDNN held to AVX512-BF16 (ONEDNN_MAX_CPU_ISA, as on a CPU without AMX), bf16 matmuls ran 0.6-0.75x
+        as fast as fp32 (MKL's), and training steps 0.78x: bf16 would have made that CPU slower."""
     if dev == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, "the GPU supports it" if ok else "the GPU has no bf16 support"
+    flag = lambda name: bool(getattr(torch.cpu, name, lambda: False)())
+    if flag("_is_amx_tile_supported"):
+        return True, "the CPU has AMX, bf16 matrix units"
+    if not flag("_is_avx512_bf16_supported"):
+        return False, "the CPU has no native bf16 arithmetic (neither AMX nor AVX512-BF16)"
+    ratio = bf16_matmul_speedup()
+    return ratio >= BF16_PROBE_MIN, (f"the CPU has AVX512-BF16 without AMX, and a matmul probe ran bf16 {ratio:.1f}x "
+                                     f"as fast as fp32; bf16 needs {BF16_PROBE_MIN}x")
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_speedup() -> float:
+    """fp32 time over bf16 time for a (2048 x 1024) @ (1024 x 1024) matmul, best of 5 after a warm-up each:
+    about 0.2 s, once a process. Timing is at the mercy of whatever else runs, but the ratios it separates
+    are far apart (0.6-0.75x against 2.4x and more)."""
+    def best(a, b):
+        a @ b  # warm-up: kernel selection, first touch
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
 
 
 def compute_dtype(choice: str, dev: str | None = None) -> tuple[torch.dtype, str]:
-    """--dtype (auto | fp32 | bf16) -> (torch dtype, the reason, printed once and stored). auto: bf16 where
-    the device computes it natively, else fp32 - a CPU without bf16 units runs bf16 matmuls slower than fp32."""
+    """--dtype (auto | fp32 | bf16) -> (torch dtype, the reason, printed once and stored). auto: bf16 where it
+    is faster than fp32 (bf16_check), else fp32 - a CPU without bf16 units runs bf16 matmuls slower than fp32."""
     dev = dev or device()
     if choice == "fp32":
         return torch.float32, "fp32 (--dtype fp32)"
-    if choice == "bf16":
-        return torch.bfloat16, "bf16 (--dtype bf16)" + ("" if native_bf16(dev) else
-                                                       f"; this {dev} has no native bf16 arithmetic, so it is slow")
-    if choice != "auto":
+    if choice not in ("auto", "bf16"):
         raise UserError(f"--dtype {choice!r}: expected auto, fp32 or bf16")
-    if native_bf16(dev):
-        why = "the GPU supports it" if dev == "cuda" else "the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)"
-        return torch.bfloat16, f"bf16 (--dtype auto: {why})"
-    why = "the GPU has no bf16 support" if dev == "cuda" else "the CPU has no native bf16 arithmetic"
-    return torch.float32, f"fp32 (--dtype auto: {why})"
+    fast, why = bf16_check(dev)
+    if choice == "bf16":
+        return torch.bfloat16, "bf16 (--dtype bf16)" + ("" if fast else f"; slower than fp32 here: {why}")
+    return (torch.bfloat16 if fast else torch.float32), f"{'bf16' if fast else 'fp32'} (--dtype auto: {why})"
 
 
 EAGER_MAX_LEN = 1024  # --attention auto: eager on CPU only up to this many tokens (its seq^2 memory stays small)

@@ -41,4 +41,4 @@ def no_native_bf16(monkeypatch):
     """The same tests on every CPU: `--dtype auto` means fp32 here unless a test says otherwise (tests that
     compare adapters bit for bit need fp32; the bf16 path is tested with --dtype bf16 or a patched check)."""
     import support.machine
-    monkeypatch.setattr(support.machine, "native_bf16", lambda dev: False)
+    monkeypatch.setattr(support.machine, "bf16_check", lambda dev: (False, "no native bf16 arithmetic (tests)"))

@@ -14,21 +14,41 @@ import support.machine
 
 @pytest.mark.parametrize("native,expect", [(False, torch.float32), (True, torch.bfloat16)])
 def test_auto_follows_the_capability_check(monkeypatch, native, expect):
-    monkeypatch.setattr(support.machine, "native_bf16", lambda dev: native)
+    monkeypatch.setattr(support.machine, "bf16_check", lambda dev: (native, "the check's reason"))
     dtype, why = support.machine.compute_dtype("auto", "cpu")
-    assert dtype == expect and "auto" in why and ("no native" in why) == (not native)
+    assert dtype == expect and why == f"{'bf16' if native else 'fp32'} (--dtype auto: the check's reason)"
     assert support.machine.compute_dtype("fp32", "cpu")[0] == torch.float32
     dtype, why = support.machine.compute_dtype("bf16", "cpu")
-    assert dtype == torch.bfloat16 and ("slow" in why) == (not native)
+    assert dtype == torch.bfloat16 and ("slower than fp32" in why) == (not native)
 
 
-def test_the_capability_check_is_pytorchs(monkeypatch):
-    """On CPU, native bf16 is what PyTorch's cpuinfo checks say (AVX512-BF16 or AMX), nothing else."""
+def test_the_cpu_check_is_pytorchs_flags_and_a_probe_only_without_amx(monkeypatch):
+    """AMX: bf16, nothing timed. Neither AMX nor AVX512-BF16: fp32, nothing timed. AVX512-BF16 alone: the
+    matmul probe decides, bf16 only at BF16_PROBE_MIN x fp32's speed or more."""
     monkeypatch.undo()  # the real check, not conftest's
-    for avx, amx in ((False, False), (True, False), (False, True)):
+    speedup = {"x": None}
+
+    def probe():
+        assert speedup["x"] is not None, "the probe ran where the flags decide"
+        return speedup["x"]
+    monkeypatch.setattr(support.machine, "bf16_matmul_speedup", probe)
+    for avx, amx, x, expect in ((False, False, None, False), (True, True, None, True), (False, True, None, True),
+                                (True, False, 2.4, True), (True, False, 0.7, False),
+                                (True, False, support.machine.BF16_PROBE_MIN, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert support.machine.native_bf16("cpu") == (avx or amx)
+        speedup["x"] = x
+        fast, why = support.machine.bf16_check("cpu")
+        assert fast == expect and support.machine.native_bf16("cpu") == expect
+        assert ("probe ran bf16" in why) == (x is not None) and ("AMX" in why)
+        dtype, reason = support.machine.compute_dtype("auto", "cpu")
+        assert dtype == (torch.bfloat16 if expect else torch.float32) and why in reason
+
+
+def test_the_probe_times_a_real_matmul():
+    support.machine.bf16_matmul_speedup.cache_clear()
+    x = support.machine.bf16_matmul_speedup()
+    assert x > 0 and support.machine.bf16_matmul_speedup() == x  # measured once a process
 
 
 def test_bf16_training_lowers_the_loss_and_keeps_fp32_state(tiny_dir):
