@@ -26,10 +26,11 @@ Features
     linear projections, 8-bit AdamW, cosine schedule with warmup, gradient checkpointing, length-grouped
     batches, loss only on the response (EOS included) normalised per supervised token of the step.
   * bf16 where the device computes it natively (--dtype auto: CUDA since Ampere, CPUs with AMX, or with
-    AVX512-BF16 where a short matmul probe finds bf16 faster): the forward under torch.autocast over bf16 base weights; LoRA weights, gradients, optimiser state
-    and the loss stay fp32. Elsewhere fp32. On CPU the loop uses eager attention (--attention auto: faster
-    than PyTorch's CPU SDPA backward at short lengths), on CUDA SDPA; in bf16 on CPU it pads micro-batch
-    lengths to a multiple of 16 (support/machine.py: pad_multiple says why).
+    AVX512-BF16 where a short matmul probe finds bf16 faster): the forward under torch.autocast over bf16
+    base weights; LoRA weights, gradients, optimiser state and the loss stay fp32. Elsewhere fp32. On CPU
+    the loop uses eager attention (--attention auto: faster than PyTorch's CPU SDPA backward at short
+    lengths), on CUDA SDPA; in bf16 on CPU it pads micro-batch lengths to a multiple of 16
+    (support/machine.py: pad_multiple says why).
   * Steps are formed at --batch-size; a micro-batch only splits a step (gradients add up), so micro-batches
     of 8, 2 or 1 are the same training. The LM head + loss run in chunks of --loss-chunk positions,
     recomputed in backward, so a batch of long traces never holds all its vocabulary-wide logits.
@@ -433,8 +434,9 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     # PEFT casts each LoRA layer's input to the LoRA weights' dtype (fp32), and autocast casts it straight back
     # to bf16 for the matmul: the same numbers, after two copies of every activation. Under autocast the
-    # first cast is left out (10% faster bf16 steps on CPU); the matmul still gets bf16 inputs.
-    lora_input_casting(model, on=dtype != torch.bfloat16)
+    # first cast is left out (10% faster bf16 steps on CPU). Not with LoRA dropout, which would then scale
+    # bf16 inputs by a bf16-rounded 1/(1-p): other numbers.
+    lora_input_casting(model, on=dtype != torch.bfloat16 or args.lora_dropout > 0)
     pad = pad_multiple(dev.type, dtype)  # bf16 on CPU: lengths rounded up to 16 (fewer matmul shapes to build)
     # the attention kernel for the loop (attention_for: eager on CPU for short examples, else SDPA); the same math
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

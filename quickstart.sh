@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
-# --dtype auto: bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32. DTYPE=fp32 forces fp32.
+# --dtype auto: bf16 on CPUs with AMX, or AVX512-BF16 where a matmul probe finds it faster; else fp32. DTYPE=fp32: fp32.
 DTYPE=${DTYPE:-auto}
 TEST="data/test_harmful.jsonl data/test_benign.jsonl data/test_benign_scary.jsonl data/math_gsm_style.jsonl"
 # keywords judge: offline refusal-phrase heuristic (Qwen3Guard needs a download). All held-out prompts:

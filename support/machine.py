@@ -54,8 +54,9 @@ def bf16_check(dev: str) -> tuple[bool, str]:
 @functools.lru_cache(maxsize=None)
 def bf16_matmul_speedup() -> float:
     """fp32 time over bf16 time for a (2048 x 1024) @ (1024 x 1024) matmul, best of 5 after a warm-up each:
-    about 0.2 s, once a process. Timing is at the mercy of whatever else runs, but the ratios it separates
-    are far apart (0.6-0.75x against 2.4x and more)."""
+    about 0.3 s, once a process. Timing is at the mercy of whatever else runs, but the ratios it separates
+    are far apart (0.6-0.75x against 2.4x and more). Under torchrun every process takes rank 0's answer,
+    so all compute in one precision."""
     def best(a, b):
         a @ b  # warm-up: kernel selection, first touch
         times = []
@@ -64,8 +65,10 @@ def bf16_matmul_speedup() -> float:
             a @ b
             times.append(time.perf_counter() - t0)
         return min(times)
-    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+    g = torch.Generator().manual_seed(0)  # its own generator: the global seed (LoRA's initialisation) is untouched
+    a, b = torch.randn(2048, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    from . import distributed
+    return distributed.broadcast(best(a, b) / best(a.bfloat16(), b.bfloat16()))  # torchrun: rank 0's, for all
 
 
 def compute_dtype(choice: str, dev: str | None = None) -> tuple[torch.dtype, str]:

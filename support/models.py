@@ -135,17 +135,20 @@ def load_model(path: str, quant: bool = True, trust_remote_code: bool = False, a
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quant:
         model.to(device())
-    model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
+    if model.get_output_embeddings() is not None:  # some remote-code models have no LM head to find
+        model.get_output_embeddings().register_forward_pre_hook(contiguous_input, with_kwargs=True)
     return model
 
 
-def contiguous_input(module, args):
+def contiguous_input(module, args, kwargs):
     """A forward pre-hook for the LM head. Generation computes it on the prompt's last position, hidden[:, -1:]:
     a [batch, 1, hidden] view whose batch stride is not a [batch, 1] tensor's. torch.matmul folds such an input
     into one mm only when the weight requires a gradient; for a frozen head (a PEFT model's) it runs a bmm
     against the weight expanded per prompt, and on CPU in bf16 oneDNN copies that expansion first: 2.3 GB
     and 5.4 s for 40 prompts with SmolLM2's 49K vocabulary (results/precision.md). A contiguous input is one mm."""
-    return (args[0].contiguous(),) + args[1:]
+    if args:
+        return (args[0].contiguous(),) + args[1:], kwargs
+    return args, {k: v.contiguous() if k == "input" else v for k, v in kwargs.items()}
 
 
 def lora_input_casting(model, on: bool) -> None:

@@ -80,10 +80,11 @@ def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data:
     if ranks > 1 and (args.micro_batch_size or 0) > batch:
         raise UserError(f"--micro-batch-size {args.micro_batch_size} is more than each of the {ranks} processes' share "
                         f"of --batch-size {args.batch_size} ({batch}): some would idle; pass at most {batch}")
+    pad = pad_multiple("cuda" if cuda else "cpu", torch.bfloat16 if dtype_bytes == 2 else torch.float32)
     if data is None:
-        width, sup, what = args.max_len, [args.max_len] * batch, f"the longest examples --max-len allows ({args.max_len} tokens each)"
+        width = -(-args.max_len // pad) * pad  # as the loop pads it (collate)
+        sup, what = [args.max_len] * batch, f"the longest examples --max-len allows ({args.max_len} tokens each)"
     else:
-        pad = pad_multiple("cuda" if cuda else "cpu", torch.bfloat16 if dtype_bytes == 2 else torch.float32)
         longest = max(len(ex["input_ids"]) for ex in data)
         width = -(-longest // pad) * pad  # as the loop pads it (collate)
         sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)

@@ -10,6 +10,18 @@ import alttrain as at
 import eval as ev
 import support
 import support.machine
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class Ops(TorchDispatchMode):
+    """Records the ATen operators that run inside it: (name, input shapes)."""
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if torch.is_tensor(a)]))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("native,expect", [(False, torch.float32), (True, torch.bfloat16)])
@@ -45,9 +57,11 @@ def test_the_cpu_check_is_pytorchs_flags_and_a_probe_only_without_amx(monkeypatc
         assert dtype == (torch.bfloat16 if expect else torch.float32) and why in reason
 
 
-def test_the_probe_times_a_real_matmul():
+def test_the_probe_times_a_real_matmul_once_and_leaves_the_global_seed_alone():
     support.machine.bf16_matmul_speedup.cache_clear()
+    state = torch.get_rng_state()
     x = support.machine.bf16_matmul_speedup()
+    assert torch.equal(torch.get_rng_state(), state)  # LoRA's initialisation does not depend on the probe
     assert x > 0 and support.machine.bf16_matmul_speedup() == x  # measured once a process
 
 
@@ -181,7 +195,7 @@ def test_bf16_on_cpu_pads_lengths_to_a_multiple_and_the_loss_is_the_same(tiny_di
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
 
 
-def test_peft_input_cast_is_left_out_only_under_bf16_autocast_and_changes_nothing(tiny_dir, data_file, tmp_path):
+def test_bf16_loop_leaves_out_peft_input_cast_changing_nothing_and_pads_to_16(tiny_dir, data_file, tmp_path):
     """Under bf16 autocast the loop switches off PEFT's cast of LoRA inputs to fp32 (autocast casts them back to
     bf16 anyway): the same loss and LoRA gradients, bit for bit. It is switched off only while a bf16 loop
     runs, and on again after it (outside autocast, bf16 inputs would meet fp32 LoRA weights)."""
@@ -196,36 +210,44 @@ def test_peft_input_cast_is_left_out_only_under_bf16_autocast_and_changes_nothin
             torch.nn.init.normal_(p, std=0.02)
     batch = at.collate([at.encode_example(tok, f"question {i}", f"<think>\nthe answer is {i}\n</think>\n\nit is {i}")
                         for i in range(4)], tok.pad_token_id)
-    out = {}
+    out, casts = {}, {}
     for on in (True, False):
         lora_input_casting(model, on)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), Ops() as ops:
             loss = at.response_loss_sum(model, batch)
+        casts[on] = sum(name == "_to_copy" for name, _ in ops.calls)
         loss.backward()
         out[on] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
         model.zero_grad()
     assert torch.equal(out[True][0], out[False][0])  # the forward is the same computation
     assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
+    n_lora = len([x for x in model.modules() if isinstance(x, BaseTunerLayer)])
+    assert casts[True] - casts[False] >= n_lora  # PEFT honours the switch: one cast fewer a LoRA layer at least
 
     # in the loop: off while a bf16 loop computes a loss, on while an fp32 loop does, on after both
-    seen, models, real = {}, {}, at.response_loss_sum
+    # in the loop: off while a bf16 loop computes a loss, on while an fp32 loop does or LoRA dropout is on
+    # (dropout would scale bf16 inputs), on again after every run; and bf16 on CPU pads lengths to 16
+    seen, models, widths, real, real_collate = {}, {}, {}, at.response_loss_sum, at.collate
     layers = lambda m: [x for x in m.modules() if isinstance(x, BaseTunerLayer)]
 
     def spy(m, b, chunk=0):
-        seen.setdefault(dtype, set()).update(x.cast_input_dtype_enabled for x in layers(m))
-        models[dtype] = m
+        seen.setdefault(run, set()).update(x.cast_input_dtype_enabled for x in layers(m))
+        widths.setdefault(run, set()).add(b["input_ids"].shape[1])
+        models[run] = m
         return real(m, b, chunk)
 
     common = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--batch-size", "4",
               "--optim", "adamw", "--no-grad-ckpt"]
-    for dtype in ("bf16", "fp32"):
+    for run, flags in (("bf16", ["--dtype", "bf16"]), ("fp32", ["--dtype", "fp32"]),
+                       ("bf16-dropout", ["--dtype", "bf16", "--lora-dropout", "0.1"])):
         at.response_loss_sum = spy
         try:
-            assert at.main(common + ["--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+            assert at.main(common + flags + ["--out", str(tmp_path / run)]) == 0
         finally:
             at.response_loss_sum = real
-    assert seen == {"bf16": {False}, "fp32": {True}}
+    assert seen == {"bf16": {False}, "fp32": {True}, "bf16-dropout": {True}}
     assert all(x.cast_input_dtype_enabled for m in models.values() for x in layers(m))
+    assert all(w % 16 == 0 for w in widths["bf16"]) and any(w % 16 for w in widths["fp32"]), widths
 
 
 def test_generation_computes_a_frozen_lm_head_as_one_matmul(tiny_dir):
@@ -234,18 +256,9 @@ def test_generation_computes_a_frozen_lm_head_as_one_matmul(tiny_dir):
     copies first in bf16 on CPU (5.4 s for SmolLM2 and 40 prompts). load_model's hook makes the input
     contiguous: a PEFT model's generation computes the head as one matmul, and the answers do not change."""
     from peft import LoraConfig, get_peft_model
-    from torch.utils._python_dispatch import TorchDispatchMode
     from support.chat import generate_batch
     from support.models import load_model
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if torch.is_tensor(a)]))
-            return func(*args, **(kwargs or {}))
 
     tok = at.load_tokenizer(tiny_dir)
     model = get_peft_model(load_model(tiny_dir, quant=False, dtype=torch.float32),
@@ -260,10 +273,11 @@ def test_generation_computes_a_frozen_lm_head_as_one_matmul(tiny_dir):
     names = [name for name, _ in on_head]
     assert "mm" in names and "bmm" not in names, on_head  # prefill and every new token: one mm each
     hidden = torch.randn(3, 5, head.in_features)
-    with Ops() as ops:
-        out = head(hidden[:, -1:])
-    assert "bmm" not in [name for name, _ in ops.calls]
-    assert torch.allclose(out, hidden[:, -1:] @ head.weight.T, atol=1e-5)
+    for call in (lambda x: head(x), lambda x: head(input=x)):  # however the head is called
+        with Ops() as ops:
+            out = call(hidden[:, -1:])
+        assert "bmm" not in [name for name, _ in ops.calls]
+        assert torch.allclose(out, hidden[:, -1:] @ head.weight.T, atol=1e-5)
     head._forward_pre_hooks.clear()  # without the hook: the same answers (it changes the kernel, not the math)
     assert generate_batch(model, tok, prompts, 3) == answers
 
