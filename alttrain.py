@@ -92,7 +92,7 @@ from tqdm.auto import tqdm
 from support import distributed as dist, memory
 from support.chat import close_think, encode_prompt, generate_all, render_prompt, template_opens_think
 from support.files import UserError, atomic_write, cli, count_or_all, sha256_file, write_jsonl
-from support.machine import attention_for, device, dtype_name, keep_freed_memory, pad_multiple
+from support.machine import attention_for, device, dtype_name, keep_freed_memory, pad_multiple, round_up
 from support.models import (CPU_PARAM_LIMIT, MODEL_ALIASES, load_config, load_model, load_tokenizer, lora_input_casting,
                             resolve_model)
 from support.data import (check_structure_data, has_trace, load_ha_prompt, load_queries, read_built, read_lines,
@@ -277,7 +277,7 @@ def collate(batch: list[dict], pad_id: int, multiple: int = 1) -> dict:
     is found from lengths, not from the pad id, so a pad id equal to EOS never masks the real EOS (a model
     trained that way never learns to stop). Padding comes after every real token: causal attention never
     lets a real token see it, and its labels are -100."""
-    width = -(-max(len(ex["input_ids"]) for ex in batch) // multiple) * multiple
+    width = round_up(max(len(ex["input_ids"]) for ex in batch), multiple)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -113,6 +113,11 @@ def pad_multiple(dev: str, dtype: torch.dtype) -> int:
     return CPU_BF16_PAD if dev == "cpu" and dtype == torch.bfloat16 else 1
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`: the width collate pads a batch to, and the memory plan counts."""
+    return -(-n // multiple) * multiple
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 

@@ -7,7 +7,7 @@ import torch
 
 from . import distributed as dist, memory
 from .files import UserError
-from .machine import attention_for, compute_dtype, device, pad_multiple
+from .machine import attention_for, compute_dtype, device, pad_multiple, round_up
 
 
 # =====================================================================================================
@@ -82,11 +82,11 @@ def plan_training(args, config, quant: bool, dtype_bytes: int, cuda: bool, data:
                         f"of --batch-size {args.batch_size} ({batch}): some would idle; pass at most {batch}")
     pad = pad_multiple("cuda" if cuda else "cpu", torch.bfloat16 if dtype_bytes == 2 else torch.float32)
     if data is None:
-        width = -(-args.max_len // pad) * pad  # as the loop pads it (collate)
+        width = round_up(args.max_len, pad)  # as the loop pads it (collate)
         sup, what = [args.max_len] * batch, f"the longest examples --max-len allows ({args.max_len} tokens each)"
     else:
         longest = max(len(ex["input_ids"]) for ex in data)
-        width = -(-longest // pad) * pad  # as the loop pads it (collate)
+        width = round_up(longest, pad)
         sup = sorted((sum(l != -100 for l in ex["labels"][1:]) for ex in data), reverse=True)
         what = f"the data's real lengths (longest {longest} tokens" + (f", padded to {width})" if width > longest else ")")
     free = memory_free(args, cuda)
