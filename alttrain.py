@@ -32,11 +32,14 @@ Features
     lengths), on CUDA SDPA; in bf16 on CPU it pads micro-batch lengths to a multiple of 16
     (support/machine.py: pad_multiple says why).
   * Steps are formed at --batch-size; a micro-batch only splits a step (gradients add up), so micro-batches
-    of 8, 2 or 1 are the same training. The LM head + loss run in chunks of --loss-chunk positions,
+    of 8, 2 or 1 are the same training. Micro-batches are packed by tokens from the memory plan: a 12K-token
+    trace trains alone, the short refusals of its step together. Every example trains, as in R1-Act (no
+    length cap; --max-len drops longer examples, --max-len with --truncate cuts them, never by default). The LM head + loss run in chunks of --loss-chunk positions,
     recomputed in backward, so a batch of long traces never holds all its vocabulary-wide logits.
   * A memory plan from the backbone's dims (in the alias table: no download) before anything is loaded,
     again after tokenisation with the real lengths: it picks the micro-batch, or refuses in seconds with
-    the fix. --dry-run prints it (--gpu-memory-gib plans for a GPU you do not have).
+    the fix (an example too long for the GPU: how many, and the --max-len to pass). --dry-run prints it
+    (--gpu-memory-gib plans for a GPU you do not have; with a local --data, from the real lengths).
   * R1-Act's system prompt per backbone (Llama's or Qwen's) by default for the R1 and s1.1 aliases, stored
     in the run so that eval.py uses it too.
   * A data file may carry each query's own assessment sentence (an `ha` column), used as HA when it agrees
@@ -59,7 +62,7 @@ Tradeoffs
     re-fault the logits every step): 20% faster steps in bench/, 6% less training time over the whole
     quick start; the process holds on to its peak memory until it ends.
   * Where a query has no reasoning trace, the model being trained writes one (a "self-trace"). A model
-    without a <think> block gives no reasoning to keep: see README.md for what that changes.
+    without a <think> block gives no reasoning to keep: see docs/method.md, Self-traces, for what that changes.
 
 Usage
     python alttrain.py --model deepseek-r1-distill-llama-8b --dry-run --gpu-memory-gib 48   # its memory plan
@@ -91,13 +94,13 @@ from tqdm.auto import tqdm
 # files, the run folder and checkpoints, this machine, the memory plan, model loading, chat templates.
 from support import distributed as dist, memory
 from support.chat import close_think, encode_prompt, generate_all, render_prompt, template_opens_think
-from support.files import UserError, atomic_write, cli, count_or_all, sha256_file, write_jsonl
+from support.files import HelpFormatter, UserError, atomic_write, cli, count_or_all, sha256_file, write_jsonl
 from support.machine import attention_for, device, dtype_name, keep_freed_memory, pad_multiple, round_up
 from support.models import (CPU_PARAM_LIMIT, MODEL_ALIASES, load_config, load_model, load_tokenizer, lora_input_casting,
-                            resolve_model)
+                            resolve_model, tokenizer_source)
 from support.data import (check_structure_data, has_trace, load_ha_prompt, load_queries, read_built, read_lines,
                           read_refusals, select_queries, split_response)
-from support.plan import check_generation_memory, plan_training, planned_precision
+from support.plan import check_generation_memory, length_report, plan_training, planned_precision
 from support.runs import (CONFIG_NAME, DATA_NAME, LOG_NAME, check_resume_matches, check_train_flags, clear_old_run,
                           load_checkpoint, merge_adapter, prepare_out_dir, save_checkpoint, save_final, truncate_log)
 from support.sentences import first_sentence, ha_verdict
@@ -116,7 +119,12 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 16, 0.0
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 OPTIM, LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = "adamw8bit", 1e-5, (0.9, 0.95), 1e-4, 1.0
 EPOCHS, BATCH_SIZE, WARMUP_STEPS = 15, 8, 5
-MAX_LEN, LOSS_CHUNK, SEED = 4096, 1024, 1995
+LOSS_CHUNK, SEED = 1024, 1995
+# Every example trains, however long: R1-Act trains with max_seq_length 32768, and the long examples are the
+# benign ones whose whole trace is kept (math, code), so a length cap would quietly change the data mix. The
+# memory plan packs micro-batches by tokens (a long example alone, short ones together) and refuses, before the
+# model loads, an example too long for the GPU even alone. --max-len N drops longer examples, --truncate cuts them.
+MAX_LEN = None
 HA_WEIGHT = 1.0  # the assessment sentence's tokens weigh like any other (plain SFT); the CPU quick start uses 20
 STRUCTURES = ("alt", "no-pu", "no-ha", "no-cr", "direct-refusal", "original")
 # What each --data source trains on when --n-harmful/--n-benign/--structure are not given: SafeChain's
@@ -212,10 +220,15 @@ def build_examples(args, queries: list[dict], gen_model=None, gen_tok=None, ha_m
     todo = [i for i in range(len(queries)) if not has[i]]
     if ha_model is not None and todo:
         template = load_ha_prompt(args.ha_prompt)
-        prompts = [close_think(ha_tok, render_prompt(ha_tok, template.format(query=queries[i]["query"],
-                                                                             label=queries[i]["label"])))
-                   for i in todo]
-        outs = generate_all(ha_model, ha_tok, prompts, 64, args.gen_batch_size, desc="assessments")
+        if not hasattr(ha_model, "generate"):  # a served model (--ha-api-base): the same request as a user
+            # message, its own chat template on the server, greedy; checked and counted as a local model's
+            outs = ha_model.run_all([functools.partial(ha_model.chat, [{"role": "user", "content": template.format(
+                query=queries[i]["query"], label=queries[i]["label"])}], 64) for i in todo], desc="assessments")
+        else:
+            prompts = [close_think(ha_tok, render_prompt(ha_tok, template.format(query=queries[i]["query"],
+                                                                                 label=queries[i]["label"])))
+                       for i in todo]
+            outs = generate_all(ha_model, ha_tok, prompts, 64, args.gen_batch_size, desc="assessments")
         for i, (text, _, _) in zip(todo, outs):
             sentence = clean_ha(text)
             if agrees(sentence, queries[i]["label"]):
@@ -272,6 +285,28 @@ def encode_example(tok, query: str, response: str, system_prompt: str | None = N
     return out
 
 
+def tokenize_examples(args, tok, examples: list[dict]) -> tuple[list[dict], dict]:
+    """Every built example encoded. Without --max-len all of them; with it, longer ones are dropped, or with
+    --truncate cut to --max-len tokens (no EOS then: the example did not end there). Returns (data, counts)."""
+    data, counts = [], dict(dropped_too_long=0, truncated=0)
+    for ex in tqdm(examples, desc="tokenise", unit="example", disable=len(examples) < 2000 or not dist.is_main()):
+        enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt, ex.get("ha") or "", args.ha_weight)
+        n = len(enc["input_ids"])
+        if args.max_len and n > args.max_len:
+            if not args.truncate or enc["labels"][args.max_len - 1] == -100:  # the prompt alone is too long: drop
+                counts["dropped_too_long"] += 1
+                continue
+            enc = {key: v[:args.max_len] for key, v in enc.items()}
+            counts["truncated"] += 1
+        data.append(enc)
+    if counts["dropped_too_long"] or counts["truncated"]:
+        print(f"--max-len {args.max_len}: {counts['dropped_too_long']} longer examples left out, "
+              f"{counts['truncated']} cut to {args.max_len} tokens")
+    if not data:
+        raise UserError(f"no example fits in --max-len {args.max_len}")
+    return data, counts
+
+
 def collate(batch: list[dict], pad_id: int, multiple: int = 1) -> dict:
     """Right-pad a batch to its longest example, rounded up to `multiple` (pad_multiple: bf16 on CPU). Padding
     is found from lengths, not from the pad id, so a pad id equal to EOS never masks the real EOS (a model
@@ -318,6 +353,23 @@ def random_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+def micro_batches(idx: list[int], lengths: list[int], micro: int, budget: int | None, multiple: int = 1,
+                  most: int | None = None) -> list[list[int]]:
+    """One step's examples, longest first, cut into micro-batches (their gradients add up: the same step).
+    With a token `budget` (the memory plan's, by default): as many examples as fit in `budget` padded tokens, at
+    most `most` (torchrun: a process's share of the batch, so that every process gets some), so a long trace
+    goes alone and short refusals go together. Without one (--micro-batch-size): `micro` each."""
+    if budget is None:
+        return [idx[j:j + micro] for j in range(0, len(idx), micro)]
+    out = []
+    for i in idx:
+        if out and len(out[-1]) < (most or len(idx)) and (len(out[-1]) + 1) * round_up(lengths[out[-1][0]], multiple) <= budget:
+            out[-1].append(i)  # the first example of a micro-batch is its longest: it sets the width
+        else:
+            out.append([i])
+    return out
+
+
 # =====================================================================================================
 # 3. Training
 # =====================================================================================================
@@ -332,11 +384,17 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
 def add_lora(model, args, quant: bool):
     """Wrap the base with LoRA adapters, with gradient checkpointing unless --no-grad-ckpt.
 
-    Pitfall: with (reentrant) checkpointing, a block whose inputs need no grad returns no grad, and the
-    frozen embedding's output needs none, so LoRA would silently learn nothing. Making the embedding
-    output require grad fixes it. We use non-reentrant checkpointing, which is immune, and still make
-    input grads flow when adapters reach layer 0 (free there). With --lora-layers we don't: it would
-    force the backward pass through every frozen layer below the adapters.
+    Checkpointing: each decoder layer keeps only its input and runs its forward again in backward, and only
+    in training mode (transformers' GradientCheckpointingLayer checks `self.training`): the loop calls
+    model.train(). It is enabled after the adapters exist, non-reentrant. Pitfall: with reentrant
+    checkpointing, a block whose inputs need no grad returns no grad, and the frozen embedding's output needs
+    none, so LoRA would silently learn nothing; non-reentrant checkpointing is immune. Input grads (the
+    embedding output requiring grad) are then a choice, made here: on when adapters reach layer 0 (free
+    there); off with --lora-layers, so that backward stops at the lowest adapted layer and the frozen layers
+    below it keep nothing for backward (support/memory.py counts `lora_layers` layers). transformers turns
+    them on whenever it enables checkpointing (modeling_utils.py, _activation_checkpointing_enable:
+    `needs_embedding_grads`), and PEFT too when it wraps a checkpointed unquantised model
+    (PeftModel._prepare_model_for_gradient_checkpointing): hence wrap first, then enable, then decide.
 
     Precision: PEFT's prepare_model_for_kbit_training is not called. All it would add here is a cast of every
     unquantised weight (embeddings, LM head, norms) to fp32 - 2 GiB more for R1-8B, and under bf16 autocast
@@ -344,20 +402,31 @@ def add_lora(model, args, quant: bool):
     the LoRA weights are fp32 (get_peft_model upcasts bf16 adapters), and so are their gradients and the
     optimiser state."""
     from peft import LoraConfig, get_peft_model
-    ckpt = not args.no_grad_ckpt
     for param in model.parameters():  # the base is frozen; only the adapters train
         param.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-        if args.lora_layers is None:
-            model.enable_input_require_grads()
     n_layers = model.config.num_hidden_layers
     top = None if args.lora_layers is None else list(range(max(0, n_layers - args.lora_layers), n_layers))
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.lora_targets.split(","), layers_to_transform=top,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if not args.no_grad_ckpt:
+        base = model.get_base_model()
+        # activation_checkpointing_enable: transformers' name since gradient_checkpointing_enable was deprecated
+        # (a FutureWarning in 5.25); the older name where it is all there is. Its first argument: checkpoint's kwargs.
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        base.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        input_grads(base, on=args.lora_layers is None)
+    return model
+
+
+def input_grads(model, on: bool):
+    """Make the embedding output require grad (on) or not (off), whatever transformers enabled before."""
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+    if on:
+        model.enable_input_require_grads()
 
 
 def make_optimizer(model, args):
@@ -416,6 +485,10 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     uneven), but one all_reduce of the LoRA gradients a step (support/distributed.py says why)."""
     micro = micro or args.micro_batch_size or args.batch_size
     lengths = [len(ex["input_ids"]) for ex in data]
+    dev = torch.device(model.device if hasattr(model, "device") else device())
+    pad = pad_multiple(dev.type, dtype)  # bf16 on CPU: lengths rounded up to 16 (fewer matmul shapes to build)
+    # the plan's micro-batch is counted at the longest width; as tokens it holds more of the shorter examples
+    budget = None if args.micro_batch_size else micro * round_up(max(lengths), pad)
     # Each step's examples are a function of (seed, epoch) alone, formed at --batch-size whatever the micro-batch:
     # that makes --resume exact, and a micro-batch only splits a step (the same training). Computed once an epoch.
     batcher = length_grouped_batches if args.batching == "length" else random_batches
@@ -428,7 +501,6 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     if step and dist.is_main():
         print(f"resuming at step {step}/{total}")
         truncate_log(out, step)  # the steps after the checkpoint are trained again, and logged again
-    dev = torch.device(model.device if hasattr(model, "device") else device())
     # bf16: the forward runs under autocast (matmuls in bf16), backward follows it; the LoRA weights and their
     # gradients stay fp32, and chunk_loss computes the loss in fp32. fp32: autocast is off, nothing changes.
     autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
@@ -437,7 +509,6 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     # first cast is left out (10% faster bf16 steps on CPU). Not with LoRA dropout, which would then scale
     # bf16 inputs by a bf16-rounded 1/(1-p): other numbers.
     lora_input_casting(model, on=dtype != torch.bfloat16 or args.lora_dropout > 0)
-    pad = pad_multiple(dev.type, dtype)  # bf16 on CPU: lengths rounded up to 16 (fewer matmul shapes to build)
     # the attention kernel for the loop (attention_for: eager on CPU for short examples, else SDPA); the same math
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(attention_for(args.attention, dev.type, max(lengths)))
@@ -448,8 +519,8 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         idx = sorted(epoch_steps(epoch)[k], key=lambda i: -lengths[i])  # similar lengths share a micro-batch
-        batches = [collate([data[i] for i in idx[j:j + micro]], tok.pad_token_id, pad)
-                   for j in range(0, len(idx), micro)]
+        batches = [collate([data[i] for i in mb], tok.pad_token_id, pad)
+                   for mb in micro_batches(idx, lengths, micro, budget, pad, math.ceil(args.batch_size / dist.world()))]
         n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         norm = loss_normaliser(batches)  # the whole step's: every process computes it alike (torchrun)
         computed += sum(b["input_ids"].numel() for b in batches)
@@ -514,7 +585,7 @@ def apply_recipe(args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alttrain.py", description=__doc__.split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="deepseek-r1-distill-llama-8b",
                    help=f"alias ({', '.join(MODEL_ALIASES)}), Hugging Face id, or local folder")
@@ -555,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts/cr_refusal_varied.txt holds many varied ones (the 'CR rephrased' ablation)")
     g.add_argument("--ha-model", default=None,
                    help="LLM that writes the harmfulness assessments (default: the model being trained); "
-                        "'template' uses prompts/ha_*.txt only")
+                        "'template' uses prompts/ha_*.txt only; with --ha-api-base, a served model's name "
+                        "(e.g. gpt-4o, as the paper), asked through chat completions")
+    g.add_argument("--ha-api-base", default=None,
+                   help="an OpenAI-compatible server for --ha-model, e.g. https://api.openai.com/v1 or "
+                        "http://127.0.0.1:8000/v1 (key: OPENAI_API_KEY, never written; support/api.py)")
     g.add_argument("--ha-prompt", default=str(PROMPTS / "ha_prompt.txt"), help="prompt file for --ha-model")
     g.add_argument("--gen-batch-size", type=int, default=8, help="batch size for self-traces and HA writing")
     g.add_argument("--self-trace-tokens", type=int, default=1024,
@@ -599,8 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batching", choices=("length", "random"), default="length",
                    help="length = batches of similar lengths (little padding); random = any examples together, "
                         "as Trainer/TRL do (3-4x the compute on AltTrain-1K's lengths, see bench/). The loss "
-                        "is normalised per step, so this also sets how examples weigh: README, Training details")
-    g.add_argument("--max-len", type=int, default=MAX_LEN, help="longer examples are dropped and counted")
+                        "is normalised per step, so this also sets how examples weigh: docs/method.md, Training details")
+    g.add_argument("--max-len", type=int, default=MAX_LEN,
+                   help="leave out examples longer than this many tokens, counted (default: none, every example "
+                        "trains; the plan refuses one too long for the GPU even alone and names the value to pass)")
+    g.add_argument("--truncate", action="store_true",
+                   help="with --max-len: cut longer examples to --max-len tokens instead of leaving them out")
     g.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
     g.add_argument("--attention", choices=("auto", "sdpa", "eager"), default="auto",
                    help="attention kernel for training: auto = eager on CPU for examples up to 1024 tokens (faster "
@@ -628,6 +707,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for a CUDA GPU with this much free memory (GiB) instead of reading the device: with "
                         "--dry-run, a plan for a GPU you do not have")
     return p
+
+
+def plan_from_data(args, model_config, quant: bool, dtype_bytes: int, cuda: bool):
+    """--dry-run with a local --data file (or --built): the examples built as the run builds them, with no model
+    loaded (assessments from the data or prompts/ha_*.txt: one sentence either way), tokenised with the backbone's
+    own tokenizer (R1-Distill-Qwen-7B's offline from its GGUF package: support/models.py tokenizer_source), and
+    the plan again from their real lengths. Queries without a reference trace are left out: their trace does not
+    exist until the model writes it (the run plans again then)."""
+    if not (args.built or Path(args.data).is_file()):
+        print(f"(--data {args.data} is not a local file: pass one, or --built, to plan from the real lengths)")
+        return
+    tok = load_tokenizer(tokenizer_source(args.model, args.cache_dir), args.trust_remote_code)
+    if args.built:
+        examples = read_built(args.built)
+    else:
+        queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
+        traced = [q for q in queries if has_trace(q)]
+        if len(traced) < len(queries):
+            print(f"{len(queries) - len(traced)} queries have no trace (the model writes one): not planned here")
+        examples, _ = build_examples(args, traced) if traced else ([], {})
+    if not examples:
+        return
+    data, _ = tokenize_examples(args, tok, examples)
+    print(length_report([len(ex["input_ids"]) for ex in data]))
+    plan_training(args, model_config, quant, dtype_bytes, cuda, data)
 
 
 def parse_args(argv=None):
@@ -658,13 +762,14 @@ def run(args):
     model_config = SimpleNamespace(**alias["dims"]) if "dims" in alias else \
         load_config(resolve_model(args.model, args.cache_dir), args.trust_remote_code)
     micro = plan_training(args, model_config, quant, dtype_bytes, cuda)
-    if args.dry_run:
-        print("--dry-run: nothing loaded, nothing written")
+    if args.dry_run:  # with a local --data, the plan again from the examples' real token lengths
+        plan_from_data(args, model_config, quant, dtype_bytes, cuda)
+        print("--dry-run: no model loaded, nothing written")
         return
     out = prepare_out_dir(args) if dist.is_main() else Path(args.out)  # under torchrun rank 0 alone writes files
     path = dist.main_first(resolve_model, args.model, args.cache_dir)  # an alias is converted once, by rank 0
-    tok = load_tokenizer(path, args.trust_remote_code)
-    model = data = dropped = config = None
+    tok = load_tokenizer(path, args.trust_remote_code, args.cache_dir)
+    model = data = too_long = config = None
     # -- the examples: the run's own copy on resume, a prebuilt set, or built now (under torchrun: by rank 0 alone)
     if dist.is_main():
         data_file = out / DATA_NAME
@@ -677,6 +782,8 @@ def run(args):
             queries = select_queries(load_queries(args), args.n_harmful, args.n_benign, args.seed)
             check_structure_data(args, queries)  # before any model is loaded
             gen_model = ha_model = ha_tok = None
+            if args.ha_api_base and args.ha_model in (None, "template"):
+                raise UserError("--ha-api-base needs --ha-model NAME: the served model (e.g. gpt-4o)")
             need_ha = (uses_ha(args.structure) and args.ha_model != "template"
                        and any(not q.get("ha") for q in queries))  # the data may carry them all
             if any(not has_trace(q) for q in queries) or (need_ha and args.ha_model is None):
@@ -684,17 +791,21 @@ def run(args):
                 check_generation_memory(args, load_config(path, args.trust_remote_code), quant, dtype_bytes, cuda, longest)
                 model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
                 gen_model = model
-            if need_ha and args.ha_model is None:
+            if need_ha and args.ha_model is None and not args.ha_api_base:
                 ha_model, ha_tok = model, tok
+            elif need_ha and args.ha_api_base:  # a served model (support/api.py): checked now, nothing loaded here
+                from support import api
+                ha_model = api.connect(args.ha_api_base, args.ha_model, "--ha-api-base/--ha-model")
             elif need_ha:
                 ha_path = resolve_model(args.ha_model, args.cache_dir)
-                ha_tok = load_tokenizer(ha_path, args.trust_remote_code)
+                ha_tok = load_tokenizer(ha_path, args.trust_remote_code, args.cache_dir)
                 ha_model = load_model(ha_path, quant, args.trust_remote_code, args.allow_cpu, dtype)
             examples, stats = build_examples(args, queries, gen_model, tok, ha_model, ha_tok)
             if ha_model is not None and ha_model is not model:
                 del ha_model  # its memory is counted free again by the plan below (memory.available collects it)
         if args.overwrite:  # only now that the new examples exist: a run that fails to start keeps the old one
             clear_old_run(out)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty --out behind
         write_jsonl(data_file, examples)
         n_h = sum(e["label"] == "harmful" for e in examples)
         print(f"examples: {len(examples)} ({n_h} harmful, {len(examples) - n_h} benign), structure "
@@ -712,22 +823,12 @@ def run(args):
         # written before the plan is checked again: a refused run continues with --resume, examples and all
         atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
 
-        # -- tokenise
-        data, dropped = [], 0
-        for ex in examples:
-            enc = encode_example(tok, ex["query"], ex["response"], args.system_prompt,
-                                 ex.get("ha") or "", args.ha_weight)
-            if len(enc["input_ids"]) > args.max_len:
-                dropped += 1
-                continue
-            data.append(enc)
-        if dropped:
-            print(f"note: {dropped} examples longer than --max-len {args.max_len} tokens were dropped")
-        if not data:
-            raise UserError(f"no example fits in --max-len {args.max_len}")
+        # -- tokenise: every example, unless --max-len says otherwise
+        data, too_long = tokenize_examples(args, tok, examples)
+        print(length_report([len(ex["input_ids"]) for ex in data]))
     elif args.build_only:
         return
-    data, dropped, config = dist.broadcast((data, dropped, config))  # rank 0's tokens reach every process
+    data, too_long, config = dist.broadcast((data, too_long, config))  # rank 0's tokens reach every process
 
     # -- the memory plan again, with the real lengths; then model + LoRA, then the loop
     model_config = load_config(path, args.trust_remote_code)
@@ -750,8 +851,7 @@ def run(args):
     save_final(out, model, tok)
     if args.merge:
         merge_adapter(path, out, tok, args.trust_remote_code, dtype)
-    config.update(finished=True, dropped_too_long=dropped, n_train_examples=len(data), micro_batch=micro,
-                  metrics=metrics)
+    config.update(finished=True, **too_long, n_train_examples=len(data), micro_batch=micro, metrics=metrics)
     atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2))
     print("done: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "halted") + f" -> {out}")
 

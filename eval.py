@@ -35,6 +35,7 @@ numbers come from its own judge, so compare runs judged the same way.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -46,17 +47,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from support import distributed as dist, memory, tasks
+from support import api, distributed as dist, memory, tasks
 from support.chat import encode_prompt, generate_batch, render_chat, render_prompt, template_opens_think
-from support.files import (PROMPTS, UserError, atomic_write, cli, find_column, hub_dataset, read_table,
+from support.files import (PROMPTS, HelpFormatter, UserError, atomic_write, cli, find_column, hub_dataset, read_table,
                            require_positive, write_jsonl)
 from support.machine import compute_dtype, dtype_name
 from support.models import MODEL_ALIASES, load_config, load_model, load_tokenizer, read_checkpoint, resolve_model
-from support.plan import check_memory
+from support.plan import auto_batch, check_memory
 from support.runs import CONFIG_NAME
 from support.conversations import generate_conversations, kept_in_history
 from support.intention import intention_analysis
-from support.judges import JUDGES, judge_key, judged_text, keyword_refusal, load_judge, verdicts
+from support.judges import JUDGES, check_judge, describe_judge, judge_key, mean_score, judge_prompt, judged_text, keyword_refusal, load_judge, verdicts
 from support.records import read_records, split_output
 from support.report import (bootstrap_ci, compare, fmt, markdown_table, mean, summarise,
                             summarise_capability)
@@ -95,11 +96,25 @@ BENCHMARKS = {
     "cnndm": dict(hf="abisee/cnn_dailymail", config="3.0.0", split="test", label="summ"),
 }
 SAFETY, CAPABILITY = ("harmful", "benign"), tasks.LABELS
+# Batch sizes (--batch-size auto): a GPU takes the largest batch its memory plan fits, since decoding a batch costs
+# about what decoding one answer costs until the GPU is busy; up to AUTO_BATCH_MAX, past which HF generate's
+# left padding and the longest answer of each batch waste more than a larger batch gains. A CPU is busy already.
+AUTO_BATCH_MAX, CPU_BATCH = 256, 8
+
+
+def int_or_auto(text: str) -> int | None:
+    """A batch size, or 'auto' (None: chosen from the memory plan)."""
+    if text.lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number or 'auto'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("what to evaluate (one of)")
     g.add_argument("--ckpt", help="output folder of alttrain.py: its base model + adapter")
     g.add_argument("--model", help=f"a base model with no adapter: alias ({', '.join(MODEL_ALIASES)}), "
@@ -140,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--code-memory-mb", type=int, default=1024, help="address-space limit per HumanEval program")
     g.add_argument("--math-max-new-tokens", type=int, default=4096,
                    help="for task sets (math, code, multiple choice, QA, summaries): reasoning needs longer outputs")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (1: one at a time)")
+    g.add_argument("--batch-size", type=int_or_auto, default=None,
+                   help="prompts per generate() call (1: one at a time). Default auto: on a GPU the largest batch the "
+                        f"generation memory plan fits (up to {AUTO_BATCH_MAX}), on CPU {CPU_BATCH}")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=0.6, help="with --sample (DeepSeek's advice)")
     g.add_argument("--top-p", type=float, default=0.95, help="with --sample (DeepSeek's advice)")
@@ -152,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the query's essential intention (prompts/ia_intention.txt), then for the answer "
                         "knowing it (prompts/ia_answer.txt); the second answer is judged")
     g.add_argument("--seed", type=int, default=1995, help="seed for sampling and bootstrap")
+
+    g = p.add_argument_group("engine: local generate() or an OpenAI-compatible server (support/api.py, docs/serving.md)")
+    g.add_argument("--engine", choices=("hf", "api"), default="hf",
+                   help="api: a server (vLLM, SGLang, transformers serve) answers; --ckpt/--model then give only the "
+                        "tokenizer, chat template and system prompt, and the server gets exactly the HF path's tokens")
+    g.add_argument("--api-base", help="the server's URL, e.g. http://127.0.0.1:8000/v1 (a key, if it wants one: "
+                                      "OPENAI_API_KEY, never written anywhere)")
+    g.add_argument("--api-model", help="the policy's name on the server (vLLM: the --lora-modules name)")
+    g.add_argument("--api-concurrency", type=int, default=16, help="requests in flight at once (the server batches them)")
+    g.add_argument("--api-timeout", type=float, default=600.0, help="seconds to wait for one answer")
 
     g = p.add_argument_group("automated multi-turn attack (Crescendo, support/crescendo.py)")
     g.add_argument("--attack", choices=("crescendo",), help="run an attack instead of --bench")
@@ -165,13 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("judge")
     g.add_argument("--judge", choices=tuple(JUDGES), default="qwen3guard",
                    help="qwen3guard (harm + refusal), llama-guard-3-1b (harm only), keywords (offline "
-                        "refusal-phrase heuristic: harmful = not refused)")
+                        "refusal-phrase heuristic: harmful = not refused), strongreject-rubric (StrongREJECT's "
+                        "rubric read by a served chat model, --judge-api-model: score 0-1)")
     g.add_argument("--judge-model", help="local folder or Hub id to load the judge from instead")
     g.add_argument("--controversial", choices=("unsafe", "safe"), default="unsafe",
                    help="how Qwen3Guard's 'Controversial' counts (unsafe, as Qwen3Guard's own evaluation)")
     g.add_argument("--judge-whole-output", action="store_true",
                    help="judge the reasoning too, not only the final answer after </think>")
-    g.add_argument("--judge-batch-size", type=int, default=8, help="judge prompts per generate() call")
+    g.add_argument("--judge-batch-size", type=int_or_auto, default=None,
+                   help="judge prompts per generate() call. Default auto: as --batch-size, for the judge's model")
+    g.add_argument("--judge-api-model", help="a served judge: its name on the server (--judge-api-base); qwen3guard and "
+                                             "llama-guard-3-1b read their own prompt format, strongreject-rubric any chat model")
+    g.add_argument("--judge-api-base", help="the judge's server (default: --api-base)")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", help="folder for answers and results (default: <ckpt>/eval or out/eval-<model>)")
@@ -179,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-memory-check", action="store_true",
                    help="run even where the memory estimate (support/memory.py) says generation will not fit")
     g.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="print two results.json side by side and exit")
+                   help="print two results.json side by side and exit: each set's rate with its interval, the "
+                        "averages and the structure numbers pooled over the safety sets (README's quick-start table)")
     return p
 
 
@@ -254,13 +287,19 @@ def load_policy(args, benches: dict):
             args.system_prompt = MODEL_ALIASES.get(args.model.lower(), {}).get("system")
         path = resolve_model(args.model, args.cache_dir)
         tok = load_tokenizer(path, args.trust_remote_code)
+    if args.engine == "api":  # a server generates: here only the tokenizer renders and counts (support/api.py)
+        if args.attack or any("turns" in its[0] for its in benches.values()):
+            raise UserError("--engine api: multi-turn sets and --attack run locally only (--engine hf)")
+        server = api.connect(args.api_base, args.api_model, "--api-base/--api-model", args.api_concurrency, args.api_timeout)
+        return server, tok, dict(base_model=path, ckpt=str(args.ckpt) if args.ckpt else None, quant=None,
+                                 dtype=None, dtype_reason="the server's", **server.describe())
     check_generation_memory(args, path, tok, quant, benches, dtype)
     model = load_model(path, quant, args.trust_remote_code, args.allow_cpu, dtype)
     if args.ckpt:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, args.ckpt)
     return model, tok, dict(base_model=path, ckpt=str(args.ckpt) if args.ckpt else None, quant=quant,
-                            dtype=dtype_name(dtype), dtype_reason=why)
+                            dtype=dtype_name(dtype), dtype_reason=why, engine="hf")
 
 
 def check_generation_memory(args, path: str, tok, quant: bool, benches: dict, dtype=torch.float32):
@@ -275,11 +314,16 @@ def check_generation_memory(args, path: str, tok, quant: bool, benches: dict, dt
     longest = max(map(length, items))
     max_new = max(args.math_max_new_tokens if it["label"] in CAPABILITY else args.max_new_tokens for it in items)
     cuda = torch.cuda.is_available()
-    est = memory.generation(load_config(path, args.trust_remote_code), quant=quant,
-                               dtype_bytes=torch.finfo(dtype).bits // 8,
-                               batch=args.batch_size, prompt_len=longest, max_new=max_new, cuda=cuda)
+    config, dtype_bytes = load_config(path, args.trust_remote_code), torch.finfo(dtype).bits // 8
+    if args.batch_size is None:  # auto: the largest batch that fits (support/plan.py), or CPU_BATCH on CPU;
+        # under torchrun the smallest of the processes' (they must cut the same batches)
+        args.batch_size = dist.smallest(auto_batch(args, config, quant, dtype_bytes, longest, max_new, len(items),
+                                                   cuda, AUTO_BATCH_MAX, CPU_BATCH, "--batch-size"))
+    est = memory.generation(config, quant=quant, dtype_bytes=dtype_bytes,
+                            batch=args.batch_size, prompt_len=longest, max_new=max_new, cuda=cuda)
     check_memory(args, f"generation (batch {args.batch_size}, {longest} + {max_new} tokens)", est,
-                    "try a smaller --batch-size" + ("" if quant else ", or --quant"))
+                    ("try a smaller --batch-size" if args.batch_size > 1 else "a GPU with more memory")
+                    + ("" if quant else ", or --quant"))
 
 
 def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[dict]:
@@ -291,20 +335,30 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     prompts = {it["id"]: render_prompt(tok, it["prompt"], args.system_prompt) for it in todo}
     encoded = {i: encode_prompt(tok, p) for i, p in prompts.items()}
     todo.sort(key=lambda it: -len(encoded[it["id"]]))
-    model.eval()
     t0, n_new = time.time(), 0
-    batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
     bar = tqdm(total=len(items), initial=len(done), desc=f"generate {path.stem}", unit="answer", disable=not dist.is_main())
-    with open(dist.part(path), "a", encoding="utf-8") as f:
+    max_new_of = lambda it: args.math_max_new_tokens if it["label"] in CAPABILITY else args.max_new_tokens
+
+    def answered():  # (items, their prompts, extra fields, outputs), as they are generated
+        if args.engine == "api":  # the server batches: --api-concurrency requests in flight, each answer kept as it comes
+            sampling = model.sampling(args.sample, args.temperature, args.top_p, args.seed)
+            calls = [functools.partial(model.complete, tok, encoded[it["id"]], max_new_of(it), sampling) for it in todo]
+            for k, out in model.as_completed(calls):
+                yield [todo[k]], [prompts[todo[k]["id"]]], [{}], [out]
+            return
+        model.eval()
+        batches = [todo[k:k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
         for batch in batches[dist.rank()::dist.world()]:
-            max_new = args.math_max_new_tokens if batch[0]["label"] in CAPABILITY else args.max_new_tokens
+            max_new = max_new_of(batch[0])
             batch_prompts, extra = [prompts[it["id"]] for it in batch], [{} for _ in batch]
             ids = [encoded[it["id"]] for it in batch]
             if args.defense == "ia":  # stage 1 asks for the intention; the prompts below then ask for the answer
                 batch_prompts, extra = intention_analysis(model, tok, batch, max_new, args)
                 ids = [encode_prompt(tok, p) for p in batch_prompts]
-            outs = generate_batch(model, tok, ids, max_new,
-                                     do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+            yield batch, batch_prompts, extra, generate_batch(model, tok, ids, max_new, do_sample=args.sample,
+                                                              temperature=args.temperature, top_p=args.top_p)
+    with open(dist.part(path), "a", encoding="utf-8") as f:
+        for batch, batch_prompts, extra, outs in answered():
             for it, prompt, ex, (text, n_tokens, finished) in zip(batch, batch_prompts, extra, outs):
                 reasoning, answer, closed = split_output(text, template_opens_think(prompt))
                 rec = dict(**it, output=text, reasoning=reasoning, answer=answer, think_closed=closed,
@@ -322,7 +376,7 @@ def generate_answers(model, tok, items: list[dict], path: Path, args) -> list[di
     dt = time.time() - t0
     if n_new:
         print(f"{path.stem}: {n_new} answers in {dt:.1f}s = {n_new / dt:.2f} answers/s "
-              f"(batch size {args.batch_size})")
+              + (f"({args.api_concurrency} requests in flight)" if args.engine == "api" else f"(batch size {args.batch_size})"))
     return dist.merge(path, done, items)  # the records in the items' order (under torchrun, [] on ranks > 0)
 
 
@@ -342,8 +396,11 @@ def judge_records(records: list[dict], path: Path, args, judge=None):
             return r["prompt"], judged_text(r, args.judge_whole_output)
         turn = r["turns_out"][t]
         return r["history"][:2 * t] + [{"role": "user", "content": turn["user"]}], judged_text(turn, args.judge_whole_output)
+    pairs = [pair(r, t) for r, t in units]
+    if args.judge_batch_size is None:  # auto, once: from the judge's own dims and the longest prompt it will read
+        args.judge_batch_size = judge_batch(args, judge, pairs)
     done = 0
-    for batch in verdicts([pair(r, t) for r, t in units], args, judge, desc=f"judge {path.stem}"):
+    for batch in verdicts(pairs, args, judge, desc=f"judge {path.stem}"):
         for (r, t), v in zip(units[done:], batch):
             if t is not None:
                 r["turns_out"][t].setdefault("judges", {})[key] = v
@@ -351,6 +408,17 @@ def judge_records(records: list[dict], path: Path, args, judge=None):
                 r["judges"][key] = v
         done += len(batch)
         write_jsonl(path, records)  # verdicts saved as they come
+
+
+def judge_batch(args, judge, pairs: list) -> int:
+    """--judge-batch-size auto: for a local judge model, the largest batch its generation plan fits (verdicts are
+    a few dozen tokens); CPU_BATCH for a served or keyword judge, which batch on their own."""
+    model, tok = judge if judge else (None, None)
+    if not pairs or model is None or not hasattr(model, "generate"):
+        return CPU_BATCH
+    longest = max(len(encode_prompt(tok, judge_prompt(tok, args.judge, p, r))) for p, r in pairs)
+    return auto_batch(args, model.config, False, next(model.parameters()).element_size(), longest, 48, len(pairs),
+                      torch.device(model.device).type == "cuda", AUTO_BATCH_MAX, CPU_BATCH, "--judge-batch-size")
 
 
 # =====================================================================================================
@@ -385,6 +453,8 @@ def run(args):
                         "bootstrap")
     if bool(args.ckpt) == bool(args.model):
         raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model)")
+    api.check_flags(args)  # --engine api / a served judge: the flags they need, before anything is loaded
+    check_named_inputs(args)  # every file, folder and name given, before anything is loaded or downloaded
     benches = {}  # loaded first: a bad name fails before any model is loaded
     args.no_prompt = {}  # jailbreak artifact sets: behaviours the attack found no prompt for
     for b in args.bench:
@@ -396,20 +466,24 @@ def run(args):
         raise UserError("multi-turn sets are generated in one process (python eval.py), not under torchrun")
     safe_name = re.sub(r"[^\w.-]", "_", args.model or "")
     out = Path(args.out) if args.out else (Path(args.ckpt) / "eval" if args.ckpt else Path("out") / f"eval-{safe_name}")
-    out.mkdir(parents=True, exist_ok=True)
+    if args.judge != "keywords" and any(its[0]["label"] in SAFETY for its in benches.values()):
+        check_judge(args)  # offline, gated or a wrong --judge-model: fails now, not after every answer is generated
     torch.manual_seed(args.seed)
     model, tok, info = load_policy(args, benches)
-    records = {}  # the judge is loaded after generation: if it fails, the answers are already on disk
+    out.mkdir(parents=True, exist_ok=True)  # once the policy loaded: a failed start leaves no empty folder
+    records = {}  # the judge's weights are loaded after generation (its tokenizer was checked above)
     for name, items in benches.items():
         generate = generate_conversations if "turns" in items[0] else generate_answers
         records[name] = generate(model, tok, items, out / f"{name}.jsonl", args)
+    if args.engine == "api":
+        info.update(model.describe())  # how the server took the prompts (token ids or text), known once it answered
     del model
     if not dist.is_main():  # under torchrun, rank 0 alone judges and reports
         return
     safety = [n for n in records if benches[n][0]["label"] in SAFETY]
     judge = load_judge(args) if args.judge != "keywords" and safety else None
     key = judge_key(args)
-    results = dict(**info, judge=key, heuristic=args.judge == "keywords", defense=args.defense,
+    results = dict(**info, judge=key, **describe_judge(args), heuristic=args.judge == "keywords", defense=args.defense,
                    generation=dict(max_new_tokens=args.max_new_tokens, math_max_new_tokens=args.math_max_new_tokens,
                                    sample=args.sample,
                                    temperature=args.temperature if args.sample else None,
@@ -420,6 +494,8 @@ def run(args):
         if name in safety:
             judge_records(recs, out / f"{name}.jsonl", args, judge)
             results["benchmarks"][name] = summarise(recs, key, benches[name][0]["label"], args.bootstrap, args.seed)
+            if args.judge == "strongreject-rubric":  # StrongREJECT's own number beside the harmful rate
+                results["benchmarks"][name]["strongreject_score"] = mean_score(recs, key)
             if name in args.no_prompt:
                 results["benchmarks"][name]["no_prompt"] = args.no_prompt[name]
         else:
@@ -439,6 +515,34 @@ def run(args):
     print(table)
     print(f"-> {out / 'results.json'}")
 
+def check_named_inputs(args):
+    """Every file, folder and benchmark name the user gave, checked before any benchmark or model is loaded or
+    downloaded: a typo or a run not trained yet fails at once, naming the flag and the path."""
+    if args.ckpt:
+        if not os.path.isdir(args.ckpt):
+            raise UserError(f"--ckpt {args.ckpt}: no such folder (an output folder of alttrain.py: train first, "
+                            f"python alttrain.py --out {args.ckpt})")
+        read_checkpoint(args.ckpt, CONFIG_NAME)  # its run config and a readable adapter
+    if args.model and args.model.lower() not in MODEL_ALIASES and not os.path.isdir(args.model) and \
+            (args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
+        raise UserError(f"--model {args.model}: no such folder, and not a Hub id (owner/name) nor an alias "
+                        f"({', '.join(MODEL_ALIASES)})")
+    for name in getattr(args, "bench", None) or []:
+        if name in BENCHMARKS:
+            continue
+        if os.path.splitext(name)[1] not in (".csv", ".jsonl", ".json"):
+            raise UserError(f"--bench {name}: not a known benchmark ({', '.join(BENCHMARKS)}) nor a .csv/.jsonl file")
+        if not os.path.isfile(name):
+            raise UserError(f"--bench {name}: " + ("a folder, not a file" if os.path.isdir(name) else "no such file"))
+    for flag, path, kind in (("--jbb-artifacts", args.jbb_artifacts, "folder"), ("--out", args.out, "folder")):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path}: a file, not a {kind}")
+        if flag == "--jbb-artifacts" and path and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: no such folder")
+    if args.judge_model and args.judge_model.startswith((".", "/", "~")) and not os.path.isdir(args.judge_model):
+        raise UserError(f"--judge-model {args.judge_model}: no such folder")
+
+
 def run_attack(args):
     """Crescendo against the policy (support/crescendo.py): one transcript per goal, appended to
     <out>/crescendo.jsonl as each goal ends (a killed run resumes per goal), then the attack success rate."""
@@ -451,6 +555,9 @@ def run_attack(args):
         raise UserError("--attack crescendo needs --attacker-model and --goals")
     if bool(args.ckpt) == bool(args.model):
         raise UserError("pass exactly one of --ckpt (a training run) or --model (a base model) as the target")
+    check_named_inputs(args)
+    if args.goals != "jbb" and not os.path.isfile(args.goals):
+        raise UserError(f"--goals {args.goals}: no such file ('jbb', or a .csv/.jsonl with a goal column)")
     if args.goals == "jbb":
         goals = [it["prompt"] for it in load_benchmark("jbb", args)]
     else:
@@ -472,6 +579,7 @@ def run_attack(args):
     a_model = model if a_path == info["base_model"] and not args.ckpt else \
         load_model(a_path, info["quant"], args.trust_remote_code, args.allow_cpu, compute_dtype(args.dtype)[0])
     judge = load_judge(args) if args.judge != "keywords" else None
+    args.judge_batch_size = args.judge_batch_size or 1  # the attack judges one answer at a time
     instructions = (PROMPTS / "crescendo_attacker.txt").read_text(encoding="utf-8")
     limits = cr.Limits(args.max_turns, args.max_backtracks, args.attacker_retries)
 

@@ -20,7 +20,7 @@ Tradeoffs
     intervals are wide, and a second seed moves a run about as much; differences inside them are not findings.
   * The committed tables (results/miniature.*) were measured on the 558-row data/train.jsonl of commit
     9771b4e; the file has 648 rows since, so a re-run trains on more data (check out 9771b4e to repeat them).
-  * The judge is the keyword heuristic (offline); see README's "Judges against people" for how often it
+  * The judge is the keyword heuristic (offline); see results/judge_agreement.md for how often it
     agrees with people.
   * Re-running continues where it stopped: finished trainings and evaluations are kept under --work, an
     interrupted training resumes from its last checkpoint, an interrupted evaluation from its last answer.

@@ -15,7 +15,10 @@ from .records import in_item_order, resume, split_output
 
 def kept_in_history(text: str, prompt: str) -> str:
     """What an assistant turn leaves in the conversation: its final answer only, as DeepSeek's template
-    keeps history (it drops everything before </think>); a turn whose <think> never closed stays whole."""
+    keeps history (it drops everything before </think>); a turn whose <think> never closed stays whole.
+    Multi-turn replay and Crescendo's target send this. The answer is stripped: R1's template, given the whole
+    output, would keep the "\n\n" after </think> (the only difference, tests/test_r1_template.py). Stripping here
+    rather than in the template keeps the history the same under a template that would keep earlier reasoning."""
     _, answer, closed = split_output(text, template_opens_think(prompt))
     return answer if closed else text.strip()
 

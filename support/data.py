@@ -43,7 +43,7 @@ def star1_queries(rows, where: str) -> list[dict]:
 
 def load_queries(args) -> list[dict]:
     """Every candidate query as {query, label, response, source}; selection happens after."""
-    if args.data == "safechain":  # gated: accept its terms on the Hub and log in (huggingface-cli login) first
+    if args.data == "safechain":  # gated: accept its terms on the Hub and log in (hf auth login) first
         ds = hub_dataset("UWNSL/SafeChain", "train", "--data safechain")
         return [dict(query=r["instruction"], label=normalise_label(r["label"], f"UWNSL/SafeChain row {i}"),
                      response=r["response"], source=f"UWNSL/SafeChain#{i}") for i, r in enumerate(ds)]

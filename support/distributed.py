@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,26 +50,44 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# Two kinds of collective, two timeouts. The gradient all_reduce of a step (sum_grads) runs on the default group
+# with torch's own timeout (NCCL 10 min, gloo 30 min): every rank arrives within a step, and a rank stuck longer
+# is a hang worth an error. Every *wait for rank 0* - while it alone downloads the model, writes ~1,000
+# assessments, merges, judges and scores - goes over a second group, gloo, with WAIT_TIMEOUT: those phases
+# take minutes to hours, and under NCCL's 10-minute watchdog the waiting ranks were killed on a first run.
+# A long wait costs nothing when rank 0 fails: torchrun stops the other processes as soon as one exits with
+# an error, so the timeout never has to catch that. ALTTRAIN_WAIT_TIMEOUT_S changes it (seconds).
+WAIT_TIMEOUT_S = 48 * 3600
+_waits = None  # the gloo group the waits for rank 0 go over
+
+
 def init():
-    """Join torchrun's process group: NCCL on the GPU LOCAL_RANK on CUDA, gloo on CPU. Idempotent; a no-op for
-    one process."""
+    """Join torchrun's process group: NCCL on the GPU LOCAL_RANK on CUDA, gloo on CPU, and a gloo group with a
+    long timeout for the waits (above). Idempotent; a no-op for one process."""
+    global _waits
     if world() == 1 or td.is_initialized():
         return
+    steps = timedelta(seconds=float(os.environ["ALTTRAIN_STEP_TIMEOUT_S"])) \
+        if "ALTTRAIN_STEP_TIMEOUT_S" in os.environ else None  # None: torch's default (tests shorten it)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this rank's GPU
-        td.init_process_group("nccl")
+        td.init_process_group("nccl", timeout=steps)
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world()))))
-        td.init_process_group("gloo")
+        td.init_process_group("gloo", timeout=steps)
+    wait = float(os.environ.get("ALTTRAIN_WAIT_TIMEOUT_S", WAIT_TIMEOUT_S))
+    _waits = td.new_group(backend="gloo", timeout=timedelta(seconds=wait))
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # one copy of every message: rank 0's
     atexit.register(teardown)
 
 
 def teardown():
+    global _waits
     if td.is_initialized():
         td.destroy_process_group()
+    _waits = None
 
 
 def finish(rc: int) -> int:
@@ -77,14 +96,15 @@ def finish(rc: int) -> int:
     works in it was seen to abort at exit (gloo: 'terminate called without an active exception'). After a
     failure there is no wait: torchrun stops the others when one exits with an error."""
     if rc == 0 and td.is_initialized():
-        td.barrier()
+        td.barrier(group=_waits)  # rank 0 may still be judging or merging: a wait, not a step
     teardown()
     return rc
 
 
 def barrier():
+    """Every rank waits here for the others (over the waits' group: rank 0 may be busy for hours)."""
     if world() > 1:
-        td.barrier()
+        td.barrier(group=_waits)
 
 
 def broadcast(obj):
@@ -92,7 +112,7 @@ def broadcast(obj):
     if world() == 1:
         return obj
     box = [obj if is_main() else None]
-    td.broadcast_object_list(box, src=0)
+    td.broadcast_object_list(box, src=0, group=_waits)
     return box[0]
 
 
@@ -121,12 +141,23 @@ def sum_grads(params: list[torch.Tensor], loss_sum: float) -> float:
     return float(flat[-1])
 
 
+def smallest(x):
+    """The smallest of every rank's `x` (None counts as unlimited), on every rank; `x` itself without torchrun.
+    The memory plan uses it so that every process plans for the tightest GPU and all cut the same micro-batches:
+    each forms the whole step and trains its share, so plans that differed would train some examples twice and
+    others never, without an error."""
+    if world() == 1 or not td.is_initialized():
+        return x
+    known = [v for v in all_gather(x) if v is not None]
+    return min(known) if known else None
+
+
 def gather(obj) -> list | None:
     """Every rank's `obj`, in rank order, on rank 0 (None on the others)."""
     if world() == 1:
         return [obj]
     out = [None] * world() if is_main() else None
-    td.gather_object(obj, out, dst=0)
+    td.gather_object(obj, out, dst=0, group=_waits)
     return out
 
 
@@ -176,7 +207,7 @@ def merge(path: Path, done: list[dict], items: list[dict]) -> list[dict]:
 
 def all_gather(obj) -> list:
     out = [None] * world()
-    td.all_gather_object(out, obj)
+    td.all_gather_object(out, obj, group=_waits)
     return out
 
 

@@ -24,6 +24,15 @@ class UserError(Exception):
     """A mistake in the input (a flag, a file, a line): printed as one clear message, no traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, added only where the help text does not state it: a default of None (the
+    help says what happens then) or one the text gives itself ("default: 900") is not printed again as argparse's
+    placeholder, which would contradict it ("default: 900 ... (default: -1)")."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if action.default is None or "default:" in text.lower() else super()._get_help_string(action)
+
+
 def cli(prog: str, parser, run_fn, argv=None) -> int:
     """Parse, run, and print a UserError as one clear line (exit code 2) instead of a traceback."""
     args = parser.parse_args(argv)
@@ -139,7 +148,7 @@ def hub_dataset(name: str, split: str, flag: str, offline: str = "pass a local f
         return load_dataset(name, config, split=split, data_files=data_files)
     except Exception as e:
         raise UserError(f"{flag}: cannot load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                        "A gated set needs its terms accepted on the Hub and a login (huggingface-cli login); "
+                        "A gated set needs its terms accepted on the Hub and a login (hf auth login); "
                         f"offline, {offline}") from None
 
 

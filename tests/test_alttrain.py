@@ -431,7 +431,8 @@ def test_few_steps_lower_the_loss(tiny_dir, quant):
 def test_gradient_checkpointing_gives_lora_grads(tiny_dir):
     tok = at.load_tokenizer(tiny_dir)
     model, _ = lora_model(tiny_dir, quant=False, grad_ckpt=True)
-    assert model.base_model.model.is_gradient_checkpointing
+    base = model.base_model.model
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing  # 5.25's new name
     at.response_loss_sum(model, fixed_batch(tok)).backward()
     lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(g is not None for g in lora.values())
@@ -647,6 +648,14 @@ def test_finished_run_is_not_overwritten(tiny_dir, data_file, tmp_path, capsys):
     assert all(json.loads(l)["ha"] == "" for l in open(out / "alttrain_data.jsonl"))
 
 
+def test_overwrite_into_a_folder_not_there_yet(tiny_dir, data_file, tmp_path):
+    """--overwrite where there is nothing to overwrite (a script that always passes it) starts the run."""
+    out = tmp_path / "new" / "run"
+    assert run_cli("--model", tiny_dir, "--data", data_file, "--ha-model", "template", "--build-only",
+                   "--overwrite", "--out", out) == 0
+    assert (out / "alttrain_data.jsonl").exists()
+
+
 def test_overwrite_with_bad_data_keeps_the_old_run(tiny_dir, data_file, tmp_path, capsys):
     """--overwrite removes the old run only once the new examples are built: a run that fails to start (here a
     binary --data file) leaves every file of the old one as it was."""
@@ -828,3 +837,23 @@ print(a, ok, b)
     if ok != "True":
         pytest.skip("not glibc: keep_freed_memory() does nothing here")
     assert (before, after) == ("False", "True")
+
+
+def test_verdict_fit_builds_its_inputs_where_the_model_is(tiny_dir, monkeypatch):
+    """scripts/verdict_fit.py built its input ids on the CPU whatever the model's device: a CUDA model failed. A model
+    on another device (here `meta`, which no CPU tensor may meet) must receive ids on that device."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import verdict_fit
+    tok = at.load_tokenizer(tiny_dir)
+    ex = at.build_example("q", "harmful", "Okay, the user asks something.", "fine",
+                          "But wait, no, so I should not help with it.", "alt")
+    seen = []
+
+    class Elsewhere(torch.nn.Module):
+        device = torch.device("meta")
+
+        def forward(self, input_ids, attention_mask):
+            seen.append((input_ids.device.type, attention_mask.device.type))
+            return type("Out", (), {"logits": torch.zeros(1, input_ids.shape[1], len(tok))})
+    verdict_fit.verdict_hits(Elsewhere(), tok, [ex])
+    assert seen == [("meta", "meta")]

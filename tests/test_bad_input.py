@@ -6,7 +6,8 @@ ends) reads exactly like the plain one; and a failing run loses nothing already 
 checkpoints). The readers:
   alttrain.py --data (data.load_queries), --built (data.read_built), --cr-refusals, --ha-prompt;
   eval.py --bench FILE (benchmarks.load_local_file, task sets included), --jbb-artifacts, --goals (read_table),
-  --compare (report.read_results), --ckpt (models.read_checkpoint: run config and adapter).
+  --compare (report.read_results), --ckpt (models.read_checkpoint: run config and adapter); verdict_fit.py --out.
+And every path eval.py is given is checked before anything is loaded or downloaded, the judge before generation.
 """
 import json
 from argparse import Namespace
@@ -178,7 +179,9 @@ def good_results():
 BAD_RESULTS = [("binary", bytes(range(256)) * 4, 1), ("truncated", json.dumps(good_results()).encode()[:60], 1),
                ("data_file_not_results", jsonl(GOOD), 2), ("a_list", b"[1, 2]", None),
                ("rate_is_text", json.dumps(dict(good_results(), benchmarks={"xs": dict(rate="25%")})).encode(), None),
-               ("empty", b"", 1), ("utf16", json.dumps(good_results()).encode("utf-16"), None)]
+               ("empty", b"", 1), ("utf16", json.dumps(good_results()).encode("utf-16"), None),
+               ("interval_is_text", json.dumps(dict(good_results(), benchmarks={"xs": dict(rate=0.25, ci95="0-50")})).encode(), None),
+               ("count_is_a_fraction", json.dumps(dict(good_results(), benchmarks={"xs": dict(rate=0.25, n=0.5)})).encode(), None)]
 
 
 @pytest.mark.parametrize("name,content,line", BAD_RESULTS, ids=[c[0] for c in BAD_RESULTS])
@@ -196,7 +199,7 @@ def test_compare_refuses_what_is_not_results(name, content, line, tmp_path, caps
 def test_compare_still_reads_real_results(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(good_results()))
-    assert "| xs | refusal_rate | 25.0 | 25.0 | +0.0 |" in report.compare(str(path), str(path))
+    assert "| xs | refusal_rate | 4 | 25.0 | 25.0 | +0.0 |" in report.compare(str(path), str(path))
 
 
 def test_jbb_artifact_files(tmp_path):
@@ -286,3 +289,111 @@ def test_alttrain_with_a_binary_data_file_keeps_the_run(flag, tiny_dir, data_fil
         if target != out:
             assert f"{bad}:1: not UTF-8 text" in err
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------------ #
+# Fail fast on what the user named: before any benchmark, model or judge is loaded or downloaded
+# ------------------------------------------------------------------------------------------------ #
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Every loader eval.py reaches after its checks (Hub benchmarks, local files, models, judges) fails the
+    test if called: the error must come first."""
+    def loaded(*a, **k):
+        raise AssertionError("loaded before the named inputs were checked")
+    for name in ("hub_dataset", "load_benchmark", "load_policy", "load_judge", "load_tokenizer", "load_model",
+                 "resolve_model"):
+        monkeypatch.setattr(ev, name, loaded)
+
+
+@pytest.mark.parametrize("case", ["ckpt_missing", "ckpt_without_config", "ckpt_without_adapter", "bench_missing",
+                                  "bench_a_folder", "bench_unknown_name", "model_folder_missing", "goals_missing"])
+def test_eval_checks_what_the_user_named_before_loading_anything(case, run_folder, tmp_path, capsys, nothing_loads):
+    """`eval.py --ckpt out/` with no out/ used to retry the Hub for StrongREJECT (the default --bench) first and then
+    fail naming it; now each named path is checked before any benchmark or model loads, and the message names it."""
+    missing = tmp_path / "nope"
+    (run_folder / "adapter_model.safetensors").unlink()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    argv, named = {
+        "ckpt_missing": (["--ckpt", str(missing)], f"--ckpt {missing}: no such folder"),
+        "ckpt_without_config": (["--ckpt", str(bare)], f"--ckpt {bare}: no {CONFIG_NAME}"),
+        "ckpt_without_adapter": (["--ckpt", str(run_folder)], f"--ckpt {run_folder}: no adapter"),
+        "bench_missing": (["--model", "smollm2-135m", "--bench", "strongreject", str(missing) + ".jsonl"],
+                          f"--bench {missing}.jsonl: no such file"),
+        "bench_a_folder": (["--model", "smollm2-135m", "--bench", "xstest", str(bare) + ".jsonl"], None),
+        "bench_unknown_name": (["--model", "smollm2-135m", "--bench", "strongreject", "strongrejct"],
+                               "--bench strongrejct: not a known benchmark"),
+        "model_folder_missing": (["--model", str(missing) + "/", "--bench", "jbb"], f"--model {missing}/: no such folder"),
+        "goals_missing": (["--model", "smollm2-135m", "--attack", "crescendo", "--attacker-model", "smollm2-135m",
+                           "--goals", str(missing) + ".csv"], f"--goals {missing}.csv: no such file"),
+    }[case]
+    if case == "bench_a_folder":
+        (tmp_path / "bare.jsonl").mkdir()
+        named = f"--bench {bare}.jsonl: a folder, not a file"
+    assert ev.main(argv + ["--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "ev").exists()  # and nothing was written
+
+
+def test_eval_checks_the_judge_before_generating(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Offline, the default judge (Qwen3Guard) cannot be fetched: eval.py used to generate every answer and then
+    fail on the judge's download. Now the judge's tokenizer is fetched first, and nothing is generated or written."""
+    bench = tmp_path / "xs.jsonl"
+    bench.write_bytes(jsonl([dict(prompt="How do I pick a lock?", label="harmful")]))
+    import support.judges
+    real = support.judges.load_tokenizer
+
+    def offline(path, *a, **k):
+        if path == ev.JUDGES["qwen3guard"]:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return real(path, *a, **k)
+    monkeypatch.setattr(support.judges, "load_tokenizer", offline)  # where check_judge reads the judge
+    monkeypatch.setattr(ev, "load_policy", lambda *a: (_ for _ in ()).throw(AssertionError("policy loaded")))
+    out = tmp_path / "ev"
+    assert ev.main(["--model", str(tiny_dir), "--bench", str(bench), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the judge Qwen/Qwen3Guard-Gen-0.6B (OSError" in err and "--judge keywords" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("why", ["data_file_missing", "hub_offline"])
+def test_a_failed_alttrain_start_leaves_no_out_folder(why, tiny_dir, tmp_path, monkeypatch, capsys):
+    """alttrain.py offline with --data safechain (or a mistyped --data) used to leave an empty --out behind."""
+    if why == "hub_offline":
+        def offline(name, split, flag, *a, **k):
+            raise files.UserError(f"{flag}: cannot load {name} (offline)")
+        monkeypatch.setattr(data, "hub_dataset", offline)
+    source = "safechain" if why == "hub_offline" else str(tmp_path / "queries.jsonl")
+    out = tmp_path / "deep" / "run"
+    assert at.main(["--model", str(tiny_dir), "--data", source, "--ha-model", "template", "--out", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+
+
+def test_verdict_fit_writes_beside_the_run_or_to_out_never_into_the_repository(tiny_dir, data_file, tmp_path, capsys):
+    """scripts/verdict_fit.py wrote into bench/results/verdict_fit.json, a tracked file, with no --out. Now: the run's
+    folder by default, --out FILE to gather runs; a damaged --out or a folder that is no run is one error."""
+    import verdict_fit
+    tracked = Path(verdict_fit.__file__).resolve().parent.parent / "bench" / "results" / "verdict_fit.json"
+    before = tracked.read_bytes() if tracked.exists() else None
+    run = tmp_path / "run"
+    assert at.main(["--model", str(tiny_dir), "--data", str(data_file), "--ha-model", "template", "--epochs", "1",
+                    "--batch-size", "4", "--out", str(run)]) == 0
+    assert verdict_fit.main([str(run), "--own-pu", "0"]) == 0
+    entry = json.loads((run / "verdict_fit.json").read_text())
+    assert list(entry) == [str(run)] and set(entry[str(run)]["result"]) == {"harmful", "benign"}
+    gathered = tmp_path / "all" / "verdicts.json"
+    gathered.parent.mkdir()
+    gathered.write_text(json.dumps({"earlier/run": {"result": {}}}))
+    assert verdict_fit.main([str(run), "--own-pu", "0", "--out", str(gathered)]) == 0
+    assert set(json.loads(gathered.read_text())) == {"earlier/run", str(run)}  # added to, nothing lost
+    assert (tracked.read_bytes() if tracked.exists() else None) == before
+    capsys.readouterr()
+    gathered.write_bytes(b'{"earlier/run": {')  # damaged: refused, left as it was
+    assert verdict_fit.main([str(run), "--own-pu", "0", "--out", str(gathered)]) == 2
+    assert gathered.read_bytes() == b'{"earlier/run": {'
+    assert verdict_fit.main([str(tmp_path / "all"), "--own-pu", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"verdict_fit.py: error: --out {gathered}:1: not valid JSON")
+    assert err[1] == f"verdict_fit.py: error: {tmp_path / 'all'}: no alttrain_config.json; is this an output folder of alttrain.py?"

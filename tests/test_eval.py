@@ -217,7 +217,7 @@ def test_checkpoint_eval_and_compare(tiny_dir, data_file, five_prompts, tmp_path
     capsys.readouterr()
     assert ev.main(["--compare", str(tmp_path / "base" / "results.json"), str(run / "eval" / "results.json")]) == 0
     table = capsys.readouterr().out
-    assert "| five-harmful | harmful_rate |" in table and "harmful_avg" in table
+    assert "| five-harmful | harmful_rate | 3 |" in table and "| **Harmful Avg** | harmful_rate |" in table
 
 
 def test_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, five_prompts, tmp_path, monkeypatch):
@@ -263,6 +263,18 @@ def test_errors(tiny_dir, five_prompts, tmp_path, capsys):
     nolabel.write_text("goal\nhi\n")
     assert "--label harmful" in error_of(capsys, "--model", tiny_dir, "--bench", nolabel)
     err = error_of(capsys, "--model", tiny_dir, "--bench", five_prompts, "--judge-model", tmp_path / "no-judge",
+                   "--max-new-tokens", 2, "--out", tmp_path / "o")
+    assert f"--judge-model {tmp_path / 'no-judge'}: no such folder" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was generated
+
+
+def test_a_judge_failing_after_generation_keeps_the_answers(tiny_dir, five_prompts, tmp_path, capsys, monkeypatch):
+    """The judge's tokenizer loads (the check before generation passes) but its weights do not: the answers stay."""
+    def weights_missing(args):
+        raise ev.UserError(f"cannot load the judge {args.judge_model} (OSError: no weights). Without internet, use "
+                           "--judge keywords (a heuristic) or --judge-model FOLDER")
+    monkeypatch.setattr(ev, "load_judge", weights_missing)
+    err = error_of(capsys, "--model", tiny_dir, "--bench", five_prompts, "--judge-model", tiny_dir,
                    "--max-new-tokens", 2, "--out", tmp_path / "o")
     assert "cannot load the judge" in err and "--judge keywords" in err
     assert (tmp_path / "o" / "five-harmful.jsonl").exists()  # the answers were kept

@@ -34,7 +34,7 @@ def test_auto_follows_the_capability_check(monkeypatch, native, expect):
     assert dtype == torch.bfloat16 and ("slower than fp32" in why) == (not native)
 
 
-def test_the_cpu_check_is_pytorchs_flags_and_a_probe_only_without_amx(monkeypatch):
+def test_the_cpu_check_is_pytorchs_flags_and_a_probe_only_without_amx(monkeypatch, tmp_path):
     """AMX: bf16, nothing timed. Neither AMX nor AVX512-BF16: fp32, nothing timed. AVX512-BF16 alone: the
     matmul probe decides, bf16 only at BF16_PROBE_MIN x fp32's speed or more."""
     monkeypatch.undo()  # the real check, not conftest's
@@ -44,17 +44,20 @@ def test_the_cpu_check_is_pytorchs_flags_and_a_probe_only_without_amx(monkeypatc
         assert speedup["x"] is not None, "the probe ran where the flags decide"
         return speedup["x"]
     monkeypatch.setattr(support.machine, "bf16_matmul_speedup", probe)
+    monkeypatch.setattr(support.machine, "probe_file", lambda: tmp_path / "bf16_probe.json")
     for avx, amx, x, expect in ((False, False, None, False), (True, True, None, True), (False, True, None, True),
                                 (True, False, 2.4, True), (True, False, 0.7, False),
                                 (True, False, support.machine.BF16_PROBE_MIN, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         speedup["x"] = x
+        (tmp_path / "bf16_probe.json").unlink(missing_ok=True)  # each case measures afresh (its answer is kept)
+        support.machine.decided.cache_clear()  # and once a process
         fast, why = support.machine.bf16_check("cpu")
         assert fast == expect and support.machine.native_bf16("cpu") == expect
-        assert ("probe ran bf16" in why) == (x is not None) and ("AMX" in why)
+        assert ("matmul probe now" in why) == (x is not None) and ("AMX" in why)
         dtype, reason = support.machine.compute_dtype("auto", "cpu")
-        assert dtype == (torch.bfloat16 if expect else torch.float32) and why in reason
+        assert dtype == (torch.bfloat16 if expect else torch.float32) and why.split(", and")[0] in reason
 
 
 def test_the_probe_times_a_real_matmul_once_and_leaves_the_global_seed_alone():
@@ -298,3 +301,81 @@ def test_the_memory_plan_counts_the_padded_length(monkeypatch, capsys):
         support.plan.plan_training(args, dims, False, dtype_bytes, False, data)
         assert set(widths) == {width}
         assert ("padded to 48" in capsys.readouterr().out) == (width == 48)
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue 35, items 4 and 12: native bf16 only on CUDA; a run's precision belongs to the run, and a machine's
+# auto choice does not flip between starts
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capability,native", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_on_cuda_picks_bf16_only_where_it_is_native(monkeypatch, capability, native):
+    """torch.cuda.is_bf16_supported() counts emulation by default (True on a T4, 7.5, or a V100, 7.0): the check
+    asks with including_emulation=False. torch.cuda's functions are patched as torch 2.13 defines them
+    (torch/cuda/__init__.py, is_bf16_supported)."""
+    monkeypatch.undo()  # the real check, not conftest's
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True):
+        asked.append(including_emulation)
+        return capability[0] >= 8 or including_emulation  # emulation: a bf16 tensor can be made on any CUDA GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    fast, why = support.machine.bf16_check("cuda")
+    assert asked == [False] and fast == native and f"{capability[0]}.{capability[1]}" in why
+    dtype, reason = support.machine.compute_dtype("auto", "cuda")
+    assert dtype == (torch.bfloat16 if native else torch.float32) and why in reason
+    assert "emulated" in reason or native
+
+
+def test_the_probe_runs_once_a_machine_and_its_answer_is_kept(monkeypatch, tmp_path):
+    """The AVX512-BF16 probe's answer is written to the cache folder with the machine it belongs to; the next
+    start reads it instead of timing again (a timing can flip: 2.2x, 2.0x, 1.0x, 2.2x in four starts). Another
+    machine (CPU, cores or torch) measures again; an unreadable file is measured over."""
+    monkeypatch.undo()
+    monkeypatch.setenv("ALTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    answers = iter([2.2, 1.0, 0.7])
+    monkeypatch.setattr(support.machine, "bf16_matmul_speedup", lambda: next(answers))
+    support.machine.decided.cache_clear()
+    first = support.machine.bf16_check("cpu")
+    assert first[0] and "now" in first[1] and str(tmp_path / "bf16_probe.json") in first[1]
+    kept = json.loads((tmp_path / "bf16_probe.json").read_text())
+    assert kept["ratio"] == 2.2 and kept["machine"] == support.machine.this_machine()
+    for _ in range(3):  # the next starts (new processes): the kept answer, and the reason says so
+        support.machine.decided.cache_clear()
+        again = support.machine.bf16_check("cpu")
+        assert again[0] and "decided once for this machine" in again[1] and "2.2x" in again[1]
+    monkeypatch.setattr(support.machine, "this_machine", lambda: "another CPU; 2 cores; torch 0")
+    assert support.machine.bf16_check("cpu")[0] is False  # measured again there: 1.0x
+    assert support.machine.bf16_check("cpu")[0] is False  # once a process: not measured again
+    (tmp_path / "bf16_probe.json").write_text("{not json")
+    support.machine.decided.cache_clear()
+    assert support.machine.bf16_check("cpu")[0] is False  # measured again: 0.7x, and kept
+    assert json.loads((tmp_path / "bf16_probe.json").read_text())["ratio"] == 0.7
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_resume_under_auto_continues_in_the_runs_precision(tiny_dir, data_file, tmp_path, monkeypatch, capsys, first):
+    """Start under --dtype auto, stop after a checkpoint (--halt-after), resume under auto with the capability
+    check giving the other answer: the run continues in its first precision (not refused, not switched), and
+    ends as one run in that precision."""
+    common = ["--model", tiny_dir, "--data", str(data_file), "--ha-model", "template", "--epochs", "2",
+              "--batch-size", "4", "--optim", "adamw", "--save-every", "1", "--out", str(tmp_path / "run")]
+    name = "bf16" if first else "fp32"
+    monkeypatch.setattr(support.machine, "bf16_check", lambda dev: (first, "patched: the first start"))
+    assert at.main(common + ["--halt-after", "1"]) == 0
+    assert f"precision: {name} (--dtype auto: patched" in capsys.readouterr().out
+    monkeypatch.setattr(support.machine, "bf16_check", lambda dev: (not first, "patched: the other answer"))
+    seen = []
+    real = at.response_loss_sum
+    monkeypatch.setattr(at, "response_loss_sum",
+                        lambda m, b, chunk=0: seen.append(torch.is_autocast_enabled("cpu")) or real(m, b, chunk))
+    assert at.main(common + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"precision: {name} (--dtype auto, --resume" in out and "resuming at step 1" in out
+    assert seen and set(seen) == {first}  # bf16 runs its forward under autocast, fp32 does not
+    cfg = json.loads((tmp_path / "run" / at.CONFIG_NAME).read_text())
+    assert cfg["finished"] and cfg["dtype"] == name
