@@ -489,6 +489,7 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
     pad = pad_multiple(dev.type, dtype)  # bf16 on CPU: lengths rounded up to 16 (fewer matmul shapes to build)
     # the plan's micro-batch is counted at the longest width; as tokens it holds more of the shorter examples
     budget = None if args.micro_batch_size else micro * round_up(max(lengths), pad)
+    share = math.ceil(args.batch_size / dist.world())  # torchrun: no micro-batch holds more than a process's share
     # Each step's examples are a function of (seed, epoch) alone, formed at --batch-size whatever the micro-batch:
     # that makes --resume exact, and a micro-batch only splits a step (the same training). Computed once an epoch.
     batcher = length_grouped_batches if args.batching == "length" else random_batches
@@ -520,7 +521,7 @@ def train(args, model, tok, data: list[dict], out: Path, micro: int | None = Non
         epoch, k = divmod(step, steps_per_epoch)
         idx = sorted(epoch_steps(epoch)[k], key=lambda i: -lengths[i])  # similar lengths share a micro-batch
         batches = [collate([data[i] for i in mb], tok.pad_token_id, pad)
-                   for mb in micro_batches(idx, lengths, micro, budget, pad, math.ceil(args.batch_size / dist.world()))]
+                   for mb in micro_batches(idx, lengths, micro, budget, pad, share)]
         n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         norm = loss_normaliser(batches)  # the whole step's: every process computes it alike (torchrun)
         computed += sum(b["input_ids"].numel() for b in batches)
