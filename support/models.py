@@ -140,14 +140,13 @@ def tokenizer_source(model: str, cache_dir: str = "~/.cache/alttrain") -> str:
     return resolve_model(model, cache_dir)
 
 
-def hub_tokenizer_cached(path: str) -> bool:
-    """Is the Hub's own tokenizer of `path` already in the local Hugging Face cache (no network needed)?"""
+def hub_tokenizer_cached(path: str, trust_remote_code: bool = False):
+    """The Hub's own tokenizer of `path` if it is already in the local Hugging Face cache (no network), else None."""
     from transformers import AutoTokenizer
     try:
-        AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return True
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception:  # not cached (OSError, ValueError, ... depending on what is missing)
-        return False
+        return None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
@@ -156,10 +155,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, cache_dir: str | 
     same tokenizer and the Hub's template (tests/test_r1_template.py)."""
     from transformers import AutoTokenizer
     from . import r1_tokenizer
-    if path.lower() == MODEL_ALIASES[r1_tokenizer.ALIAS]["hf"].lower() and r1_tokenizer.installed() \
-            and not hub_tokenizer_cached(path):
-        path = tokenizer_source(r1_tokenizer.ALIAS, cache_dir or os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"))
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = None
+    if path.lower() == MODEL_ALIASES[r1_tokenizer.ALIAS]["hf"].lower() and r1_tokenizer.installed():
+        tok = hub_tokenizer_cached(path, trust_remote_code)  # loaded once: the Hub's, where it is cached already
+        if tok is None:
+            path = tokenizer_source(r1_tokenizer.ALIAS, cache_dir or os.environ.get("ALTTRAIN_CACHE", "~/.cache/alttrain"))
+    tok = tok or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer of {path} has no EOS token; AltTrain needs one to end examples")
     if tok.chat_template is None:

@@ -327,7 +327,7 @@ def test_tokenizer_source_and_offline_load(tmp_path, monkeypatch):
     assert models.tokenizer_source("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", str(tmp_path)) == folder
     assert (tmp_path / "deepseek-r1-distill-qwen-7b-tokenizer" / "hub" / "tokenizer.json").stat().st_mtime_ns == stamp
     assert models.tokenizer_source("deepseek-r1-distill-llama-8b", str(tmp_path)) == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    monkeypatch.setattr(models, "hub_tokenizer_cached", lambda path: False)  # as on a machine that never downloaded it
+    monkeypatch.setattr(models, "hub_tokenizer_cached", lambda *a: None)  # as on a machine that never downloaded it
     tok = models.load_tokenizer("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", cache_dir=str(tmp_path))
     assert tok.name_or_path == folder and tok.pad_token_id == EOS
     assert render_prompt(tok, QUERY).endswith("<｜Assistant｜><think>\n")  # the Hub's template
